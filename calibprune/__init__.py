@@ -1,8 +1,51 @@
-"""calibprune: calibration-aware, high-sparsity pruning of LLMs."""
+"""calibprune: calibration-aware, high-sparsity pruning of LLMs.
+
+Faithful SparseGPT (reference and fused), Wanda and magnitude baselines through one layer-wise pipeline;
+calibration sets built from named sources and mixes; fast ops with torch / Triton / C++ / CUDA backends.
+Importing calibprune does not initialise CUDA and never fails for lack of a native extension.
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
+from .calibration import CalibrationSet, build_calibration, list_sources, load_texts  # noqa: E402
+from .evaluation import perplexity, wikitext2_perplexity  # noqa: E402
+from .models import load_model, load_tokenizer  # noqa: E402
+from .pruning import (  # noqa: E402
+    PruneConfig,
+    PruneReport,
+    prune_magnitude,
+    prune_sparsegpt_fused,
+    prune_sparsegpt_reference,
+    prune_wanda,
+)
+from .save import save_pruned  # noqa: E402
 
-__all__ = ["__version__", "ops"]
+PRUNERS_BY_METHOD = {
+    "sparsegpt": prune_sparsegpt_fused,
+    "sparsegpt-reference": prune_sparsegpt_reference,
+    "wanda": prune_wanda,
+    "magnitude": prune_magnitude,
+}
+
+__all__ = [
+    "__version__",
+    "ops",
+    "load_model",
+    "load_tokenizer",
+    "CalibrationSet",
+    "build_calibration",
+    "list_sources",
+    "load_texts",
+    "PruneConfig",
+    "PruneReport",
+    "prune_sparsegpt_fused",
+    "prune_sparsegpt_reference",
+    "prune_wanda",
+    "prune_magnitude",
+    "perplexity",
+    "wikitext2_perplexity",
+    "save_pruned",
+    "PRUNERS_BY_METHOD",
+]

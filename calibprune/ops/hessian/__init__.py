@@ -51,6 +51,7 @@ def hessian_update(H: torch.Tensor, X: torch.Tensor, nsamples: int, *, backend: 
         from calibprune.kernels.hessian import hessian_update_triton
 
         hessian_update_triton(H, X2d, beta, alpha)
-    else:  # cuda
-        native_extension("_cuda").hessian_update(H, X2d.contiguous(), beta, alpha)
+    else:  # cuda: importing calibprune._cuda registers torch.ops.calibprune_cuda
+        native_extension("_cuda")
+        torch.ops.calibprune_cuda.hessian_update(H, X2d.contiguous(), beta, alpha)
     return total

@@ -74,8 +74,10 @@ def obs_prune(
 
         mask, losses = obs_prune_triton(W, H, sparsity, **kwargs)
     else:
-        ext = native_extension("_cuda" if chosen == "cuda" else "_cpp")
+        # Importing the extension registers torch.ops.calibprune_cpp / torch.ops.calibprune_cuda.
+        native_extension("_cuda" if chosen == "cuda" else "_cpp")
         U, dead = inverse_factor(H, percdamp)
         W[:, dead] = 0
-        mask, losses = ext.obs_prune(W, U, float(sparsity), prune_n, prune_m, blocksize)
+        op = torch.ops.calibprune_cuda.obs_prune if chosen == "cuda" else torch.ops.calibprune_cpp.obs_prune
+        mask, losses = op(W, U, float(sparsity), prune_n, prune_m, blocksize)
     return (mask, losses) if return_losses else mask

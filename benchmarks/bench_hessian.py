@@ -1,0 +1,86 @@
+"""Benchmark ``hessian_update`` (running-average SparseGPT Hessian, H ← β·H + α·XᵀX) across backends.
+
+Providers: ``reference`` (IST-DASLab add_batch), ``torch``, ``triton`` and ``cuda`` (GPU only; the Triton
+interpreter on CPU is not a meaningful provider). Shapes: SmolLM2-135M widths with 32×512 tokens on CPU,
+Llama-3-8B widths with 128×2048 tokens on GPU; X in fp32 and bf16. Each row records p20/p50/p80 seconds and the
+speed-up over the reference measured in the same run.
+
+    python benchmarks/bench_hessian.py [--device cpu|cuda] [--repeats 5] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import environment, measure, print_table, write_rows  # noqa: E402
+
+from calibprune.ops import available_backends, hessian_update, hessian_update_reference  # noqa: E402
+
+CPU_CASES = [(32, 512, 576), (32, 512, 1536)]          # (sequences, tokens per sequence, d): SmolLM2-135M
+GPU_CASES = [(128, 2048, 4096), (128, 2048, 14336)]    # Llama-3-8B
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def providers(device: torch.device) -> list[str]:
+    found = ["reference", "torch"]
+    avail = available_backends(device)
+    for name in ("triton", "cuda"):
+        if name in avail and not (name == "triton" and device.type == "cpu"):
+            found.append(name)
+    return found
+
+
+def main(device: str = "cpu", repeats: int = 5, quick: bool = False) -> list[dict]:
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cases = GPU_CASES if dev.type == "cuda" else CPU_CASES
+    if quick:
+        cases, repeats = cases[:1], min(repeats, 2)
+    env = environment(dev)
+    rows_out: list[dict] = []
+    for b, t, d in cases:
+        gen = torch.Generator(device="cpu").manual_seed(d)
+        A = torch.randn(d, d, generator=gen)
+        H0 = (A @ A.t() / d).to(dev)
+        for dname, dtype in DTYPES.items():
+            # Built on the device in chunks so the 14336-wide GPU case never needs a host copy of X.
+            X = torch.randn(b, t, d, device=dev, dtype=dtype)
+            state: dict[str, torch.Tensor] = {}
+
+            def setup() -> None:
+                state["H"] = H0.clone()
+
+            ref_p50 = None
+            for provider in providers(dev):
+                if provider == "reference":
+                    def fn():
+                        return hessian_update_reference(state["H"], X, 7)
+                else:
+                    def fn(provider=provider):
+                        return hessian_update(state["H"], X, 7, backend=provider)
+                tm = measure(fn, device=dev, warmup=1, repeats=repeats, setup=setup)
+                if provider == "reference":
+                    ref_p50 = tm["p50"]
+                flops = 2.0 * b * t * d * d  # as a full GEMM, for comparability across providers
+                rows_out.append({
+                    "bench": "hessian_update", "provider": provider, "shape": f"{b}x{t}x{d}", "dtype": dname, **tm,
+                    "speedup_vs_reference": ref_p50 / tm["p50"], "gflops_equiv": flops / tm["p50"] / 1e9, **env})
+            del X
+    print_table(rows_out, ["shape", "dtype", "provider", "p20", "p50", "p80", "speedup_vs_reference",
+                           "gflops_equiv"])
+    path = write_rows("bench_hessian", rows_out)
+    print(f"\nrows appended to {path}")
+    return rows_out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one shape, at most 2 repeats")
+    args = parser.parse_args()
+    main(args.device, args.repeats, args.quick)

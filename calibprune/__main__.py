@@ -1,0 +1,3 @@
+from calibprune.cli import main
+
+raise SystemExit(main())

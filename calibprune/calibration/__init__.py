@@ -1,0 +1,8 @@
+"""Calibration data: sources, the ``CalibrationSet`` container and ``build_calibration``."""
+from __future__ import annotations
+
+from .calibration_set import CalibrationSet, as_token_ids, build_calibration
+from .sources import SOURCES, Source, check_available, list_sources, load_texts, resolve_data_dir
+
+__all__ = ["CalibrationSet", "as_token_ids", "build_calibration", "SOURCES", "Source", "list_sources",
+           "load_texts", "resolve_data_dir", "check_available"]

@@ -1,0 +1,235 @@
+"""``CalibrationSet`` and ``build_calibration``: seeded, deterministic windows of exactly ``seqlen`` tokens."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sources import SOURCES, check_available, load_texts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CalibrationSet", "as_token_ids", "build_calibration", "allocate_counts"]
+
+
+@dataclass
+class CalibrationSet:
+    """Token ids ``[n, seqlen]`` int64 plus where they came from.
+
+    ``provenance`` holds the sources, their weights and per-source counts, seed, seqlen, tokenizer and the
+    data mode, enough to rebuild the set. ``row_sources[i]`` names the source of row ``i``.
+    """
+
+    ids: torch.Tensor
+    provenance: dict = field(default_factory=dict)
+    row_sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 2 or self.ids.dtype != torch.int64:
+            raise ValueError(f"calibration ids must be [n, seqlen] int64, got {tuple(self.ids.shape)} {self.ids.dtype}")
+        if self.row_sources and len(self.row_sources) != self.ids.shape[0]:
+            raise ValueError(f"row_sources has {len(self.row_sources)} entries for {self.ids.shape[0]} rows")
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ids (``.pt``) and provenance (``.json`` beside it); returns the ``.pt`` path."""
+        path = Path(path)
+        if path.suffix != ".pt":
+            path = path.with_suffix(".pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ids": self.ids.cpu(), "row_sources": self.row_sources}, path)
+        path.with_suffix(".json").write_text(json.dumps(self.provenance, indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationSet:
+        path = Path(path)
+        if path.suffix != ".pt":
+            path = path.with_suffix(".pt")
+        if not path.exists():
+            raise FileNotFoundError(f"no calibration set at {path}")
+        blob = torch.load(path, weights_only=True)
+        meta = path.with_suffix(".json")
+        provenance = json.loads(meta.read_text()) if meta.exists() else {}
+        return cls(ids=blob["ids"], provenance=provenance, row_sources=list(blob.get("row_sources", [])))
+
+
+def as_token_ids(calib: CalibrationSet | torch.Tensor) -> torch.Tensor:
+    """The ``[n, seqlen]`` int64 ids of a ``CalibrationSet`` or a plain tensor, validated."""
+    ids = calib.ids if isinstance(calib, CalibrationSet) else calib
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("calibration must be a CalibrationSet or a LongTensor [n, seqlen]")
+    if ids.dtype != torch.int64:
+        raise ValueError(f"calibration ids must be int64, got {ids.dtype}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"calibration is empty or too short: shape {tuple(ids.shape)} (need n >= 1, seqlen >= 2)")
+    return ids
+
+
+def _normalise_sources(sources: str | Sequence[str] | Mapping[str, float],
+                       weights: Sequence[float] | Mapping[str, float] | None) -> dict[str, float]:
+    if isinstance(sources, str):
+        names, w = [sources], [1.0]
+    elif isinstance(sources, Mapping):
+        if weights is not None:
+            raise ValueError("give weights either as a dict of sources or through weights=, not both")
+        names, w = list(sources), [float(v) for v in sources.values()]
+    else:
+        names = list(sources)
+        if weights is None:
+            w = [1.0] * len(names)
+        elif isinstance(weights, Mapping):
+            w = [float(weights[name]) for name in names]
+        else:
+            w = [float(v) for v in weights]
+    if not names:
+        raise ValueError("no calibration source given")
+    if len(w) != len(names):
+        raise ValueError(f"{len(names)} sources but {len(w)} weights")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate calibration sources: {names}")
+    if any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+        raise ValueError(f"source weights must be finite, >= 0 and not all zero, got {w}")
+    total = sum(w)
+    return {name: x / total for name, x in zip(names, w) if x > 0}
+
+
+def allocate_counts(weights: Mapping[str, float], n: int) -> dict[str, int]:
+    """Split ``n`` samples by weight with the largest-remainder rule (ties go to the earlier source)."""
+    raw = {name: w * n for name, w in weights.items()}
+    counts = {name: int(math.floor(v)) for name, v in raw.items()}
+    left = n - sum(counts.values())
+    for name in sorted(raw, key=lambda k: (-(raw[k] - counts[k]), list(raw).index(k)))[:left]:
+        counts[name] += 1
+    return counts
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    # Per-source stream: a source's windows do not depend on which other sources share the mix.
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x, dtype=np.int64) for x in enc]
+
+
+def _packed_windows(docs: list[np.ndarray], count: int, seqlen: int, eos: int, rng: np.random.Generator,
+                    name: str) -> np.ndarray:
+    """Shuffle documents, join them with EOS and cut consecutive windows; reshuffle and repeat if too short."""
+    need = count * seqlen
+    total = sum(len(d) + 1 for d in docs)
+    if total < seqlen:
+        raise ValueError(f"source {name!r} has only {total} tokens, fewer than one window of {seqlen}")
+    passes = math.ceil(need / total)
+    if passes > 1:
+        log.warning("source %r has %d tokens; %d windows of %d need %d, so documents repeat (%d passes)",
+                    name, total, count, seqlen, need, passes)
+    stream: list[np.ndarray] = []
+    for _ in range(passes):
+        for k in rng.permutation(len(docs)):
+            stream.append(docs[k])
+            stream.append(np.array([eos], dtype=np.int64))
+    flat = np.concatenate(stream)[:need]
+    return flat.reshape(count, seqlen)
+
+
+def _random_windows(docs: list[np.ndarray], count: int, seqlen: int, eos: int, rng: np.random.Generator,
+                    name: str) -> np.ndarray:
+    """GPTQ-style: pick a random document at least ``seqlen`` long, then a random window inside it."""
+    long_docs = [d for d in docs if len(d) >= seqlen]
+    if len(long_docs) < max(1, count // 4):
+        log.info("source %r: only %d of %d documents reach %d tokens; packing with EOS instead",
+                 name, len(long_docs), len(docs), seqlen)
+        return _packed_windows(docs, count, seqlen, eos, rng, name)
+    out = np.empty((count, seqlen), dtype=np.int64)
+    for row in range(count):
+        doc = long_docs[rng.integers(len(long_docs))]
+        start = rng.integers(len(doc) - seqlen + 1)
+        out[row] = doc[start : start + seqlen]
+    return out
+
+
+def build_calibration(
+    tokenizer,
+    sources: str | Sequence[str] | Mapping[str, float],
+    *,
+    n: int = 128,
+    seqlen: int = 2048,
+    weights: Sequence[float] | Mapping[str, float] | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    data_source: str = "auto",
+) -> CalibrationSet:
+    """Build ``n`` windows of exactly ``seqlen`` tokens from one source, a uniform mix or a weighted mix.
+
+    Long-document sources give random windows inside random documents (as GPTQ/SparseGPT sample C4); sources
+    of short documents (Q/A, instructions) are shuffled and packed with EOS separators, never padded. Sample
+    counts per source follow the weights by the largest-remainder rule; rows are shuffled so mixes interleave.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with ``eos_token_id``.
+        sources: a source name, a list (uniform mix) or a dict ``{name: weight}``.
+        weights: weights for a list of sources (list or dict), normalised to sum to 1.
+        data_source: ``"auto" | "offline" | "hub"``, passed to :func:`load_texts`.
+
+    Returns:
+        ``CalibrationSet`` with ids ``[n, seqlen]`` int64.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    mix = _normalise_sources(sources, weights)
+    for name in mix:  # every source must be loadable before any is read
+        check_available(name, data_dir=data_dir, source=data_source)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id, needed to pack documents")
+    counts = allocate_counts(mix, n)
+    blocks, labels = [], []
+    for name, count in counts.items():
+        if count == 0:
+            continue
+        texts = load_texts(name, data_dir=data_dir, source=data_source)
+        if not texts:
+            raise ValueError(f"source {name!r} returned no documents")
+        docs = [d for d in _tokenize(tokenizer, texts) if len(d)]
+        sample = _packed_windows if SOURCES[name].short_docs else _random_windows
+        blocks.append(sample(docs, count, seqlen, eos, _rng(seed, name), name))
+        labels += [name] * count
+        log.info("calibration: %d x %d tokens from %r (%d documents)", count, seqlen, name, len(docs))
+    ids = np.concatenate(blocks)
+    order = np.random.default_rng(seed).permutation(n)
+    provenance = {
+        "kind": "sources",
+        "sources": list(mix),
+        "weights": mix,
+        "counts": counts,
+        "n": n,
+        "seqlen": seqlen,
+        "seed": seed,
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "data_source": data_source,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
+    return CalibrationSet(ids=torch.from_numpy(ids[order]).contiguous(), provenance=provenance,
+                          row_sources=[labels[k] for k in order])

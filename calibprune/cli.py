@@ -1,0 +1,233 @@
+"""Command line: ``calibprune prune | calib | eval`` (also ``python -m calibprune``).
+
+The ``prune`` options are generated from :class:`calibprune.PruneConfig`, so the CLI and the API cannot drift.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .pruning.config import METHODS, PruneConfig
+
+log = logging.getLogger("calibprune")
+
+_CHOICES = {"method": METHODS}
+
+
+def _field_help() -> dict[str, str]:
+    """Attribute descriptions from the PruneConfig docstring (``name: text`` lines under ``Attributes:``)."""
+    doc = PruneConfig.__doc__ or ""
+    helps: dict[str, str] = {}
+    current = None
+    for line in doc.split("Attributes:", 1)[-1].splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            current = m.group(1)
+            helps[current] = m.group(2).strip().replace("``", "")
+        elif current and line.strip():
+            helps[current] += " " + line.strip().replace("``", "")
+    return helps
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    for f in dataclasses.fields(PruneConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"default": default, "help": helps.get(f.name, "") + f" (default: {default})"}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kw.update(nargs="*", type=str)
+        elif f.name in _CHOICES:
+            kw["choices"] = _CHOICES[f.name]
+        elif default is None:
+            kw["type"] = str
+        else:
+            kw["type"] = type(default)
+        parser.add_argument(flag, **kw)
+
+
+def _config_from(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
+
+
+def _parse_sources(spec: str) -> str | dict[str, float]:
+    """``"c4"`` → ``"c4"``; ``"c4,gsm8k"`` → uniform mix; ``"c4:0.7,gsm8k:0.3"`` → weighted mix."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--calib is empty")
+    if any(":" in p for p in parts):
+        weights = {}
+        for p in parts:
+            name, _, w = p.partition(":")
+            weights[name] = float(w) if w else 1.0
+        return weights
+    return parts[0] if len(parts) == 1 else {p: 1.0 for p in parts}
+
+
+def _add_calib_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default="c4",
+                        help="source name, comma list (uniform mix), name:weight list, or a saved CalibrationSet .pt")
+    parser.add_argument("--n", type=int, default=128, help="calibration sequences (default: 128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    parser.add_argument("--data-dir", default=None, help="offline data folder (default: $CALIBPRUNE_DATA_DIR, "
+                        "./shared/data or ../shared/data)")
+    parser.add_argument("--data-source", default="auto", choices=("auto", "offline", "hub"),
+                        help="read sources offline, from the hub, or offline when available (default: auto)")
+
+
+def _preflight_calib(args: argparse.Namespace):
+    """Check the calibration request without reading data; returns the parsed sources or a Path."""
+    if args.calib.endswith(".pt"):
+        path = Path(args.calib)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration set {path} not found")
+        return path
+    from .calibration import check_available
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    spec = _parse_sources(args.calib)
+    for name in [spec] if isinstance(spec, str) else spec:
+        check_available(name, data_dir=args.data_dir, source=args.data_source)
+    return spec
+
+
+def _calibration(args: argparse.Namespace, spec, tokenizer):
+    from .calibration import CalibrationSet, build_calibration
+
+    if isinstance(spec, Path):
+        return CalibrationSet.load(spec)
+    return build_calibration(tokenizer, spec, n=args.n, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
+                             data_source=args.data_source)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import PRUNERS_BY_METHOD
+    from .evaluation import wikitext2_perplexity
+    from .models import load_model, resolve_model_path
+    from .save import check_output_dir, save_pruned
+
+    # Everything that can be checked without loading the model or data is checked first.
+    config = _config_from(args)
+    check_output_dir(args.out, overwrite=args.overwrite)
+    resolve_model_path(args.model)
+    spec = _preflight_calib(args)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    calib = _calibration(args, spec, tokenizer)
+    dense_ppl = None if args.no_eval else wikitext2_perplexity(
+        model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("method",)}
+    pruner = PRUNERS_BY_METHOD[config.method]
+    report = pruner(model, calib, **options)
+    pruned_ppl = None if args.no_eval else wikitext2_perplexity(
+        model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
+    extra = {"model": args.model, "calibration": getattr(calib, "provenance", {}),
+             "wikitext2": {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "seqlen": args.eval_seqlen,
+                           "windows": args.eval_windows}}
+    out = save_pruned(model, tokenizer, args.out, report, extra=extra, overwrite=args.overwrite)
+    rows = [("model", args.model), ("method", f"{config.method} ({config.pattern}, backend {config.backend})"),
+            ("calibration", f"{args.calib}: {calib.n if hasattr(calib, 'n') else len(calib)} x {args.seqlen}"),
+            ("prune time", f"{report.seconds:.1f} s"), ("total time", f"{time.perf_counter() - t0:.1f} s"),
+            ("target sparsity", f"{config.sparsity:.2%}"), ("achieved sparsity", f"{report.sparsity:.2%}"),
+            ("WikiText-2 ppl dense", "skipped" if dense_ppl is None else f"{dense_ppl:.2f}"),
+            ("WikiText-2 ppl pruned", "skipped" if pruned_ppl is None else f"{pruned_ppl:.2f}"),
+            ("saved to", str(out))]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_calib(args: argparse.Namespace) -> int:
+    from .models import load_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    spec = _preflight_calib(args)
+    calib = _calibration(args, spec, load_tokenizer(args.model))
+    path = calib.save(out)
+    print(f"saved {calib.n} x {calib.seqlen} calibration tokens ({calib.provenance.get('counts')}) to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import wikitext2_perplexity
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    ppl = wikitext2_perplexity(model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                               data_dir=args.data_dir)
+    print(f"{args.model}: WikiText-2 perplexity {ppl:.3f} ({args.eval_windows} windows of {args.eval_seqlen} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calibprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="HF id, local checkpoint dir, .gguf file, or smollm2-135m")
+        p.add_argument("--dtype", default=None, help="torch dtype name (default: fp32 on CPU)")
+
+    def eval_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--eval-seqlen", type=int, default=512, help="WikiText-2 window length (default: 512)")
+        p.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 windows (default: 16)")
+
+    p = sub.add_parser("prune", help="prune a model and save it with a calibprune.json sidecar")
+    model_options(p)
+    _add_calib_options(p)
+    _add_config_options(p)
+    eval_options(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned WikiText-2 perplexity")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("calib", help="build a calibration set and save it (.pt + .json provenance)")
+    model_options(p)
+    _add_calib_options(p)
+    p.add_argument("--out", required=True, help="output .pt path")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_calib)
+
+    p = sub.add_parser("eval", help="WikiText-2 perplexity of a model")
+    model_options(p)
+    eval_options(p)
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_grad_enabled(False)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ImportError, PermissionError,
+            KeyError) as exc:
+        if args.verbose:
+            raise
+        print(f"calibprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

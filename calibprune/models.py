@@ -1,6 +1,7 @@
 """``load_model``: Hugging Face ids, local checkpoints, GGUF files and the embedded ``smollm2-135m`` alias."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -59,7 +60,8 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str]:
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    # The format tag changes whenever the conversion does, so stale conversions are redone.
+    key = hashlib.sha256(f"v2:{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -73,8 +75,12 @@ def _convert_gguf(gguf: Path) -> Path:
     log.info("converting %s to a Hugging Face checkpoint in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Re-create the model from its config so that nothing GGUF-specific stays attached to it.
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # Re-create the model from its config without the GGUF quantization record, which would make
+    # save_pretrained refuse the (already de-quantised) model.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))

@@ -248,8 +248,10 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
     store = torch.device("cpu") if config.offload_activations else device
     prefix, layers = find_decoder_layers(model)
     t_start = time.perf_counter()
+    phases = dict.fromkeys(("capture", "statistics", "prune", "propagate"), 0.0)
     with exact_fp32():
         inputs, kwargs = capture_layer_inputs(model, layers, ids, config.batch_size, device, store)
+        phases["capture"] = time.perf_counter() - t_start
         for index, layer in enumerate(tqdm(layers, desc=f"{report.method} layers", unit="layer")):
             t_layer = time.perf_counter()
             home = next(layer.parameters()).device
@@ -258,6 +260,7 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
             if not modules:
                 log.warning("layer %d has no target Linear modules; left dense", index)
             else:
+                t_phase = time.perf_counter()
                 method.start_layer(modules, device)
                 router = _InputRouter(modules, method)
                 try:
@@ -269,6 +272,8 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
                         router.end_forward()
                 finally:
                     router.remove()
+                t_prune = time.perf_counter()
+                phases["statistics"] += t_prune - t_phase
                 for name, module in modules.items():
                     t_mod = time.perf_counter()
                     leader = router.leader_of.get(name)
@@ -283,12 +288,16 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
                         recon_error=extra.get("recon_error"), rel_error=extra.get("rel_error"),
                         obs_loss=extra.get("obs_loss")))
                 method.end_layer()
+                phases["prune"] += time.perf_counter() - t_prune
+            t_phase = time.perf_counter()
             if index + 1 < len(layers) or not method.stop_early:
                 for b, kw in enumerate(kwargs):
                     inputs[b] = _layer_forward(layer, inputs[b].to(device), kw).to(store)
             layer.to(home)
+            phases["propagate"] += time.perf_counter() - t_phase
             report.layer_seconds.append(time.perf_counter() - t_layer)
     report.seconds = time.perf_counter() - t_start
+    report.phase_seconds = phases
     return report
 
 

@@ -36,6 +36,9 @@ class PruneReport:
     layer_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     calibration: dict = field(default_factory=dict)
+    # Wall time per pipeline phase: capture (up to layer 0), statistics (hooked forwards, incl. Hessians),
+    # prune (the per-module method), propagate (forwards through the pruned layer).
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:

@@ -43,7 +43,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
     except ImportError:
         if "1" in (cpp_switch, cuda_switch):
             raise SystemExit("native extensions were forced but torch is not importable in the build environment; "
-                             "install torch first and use pip install --no-build-isolation")
+                             "install torch first and use pip install --no-build-isolation") from None
         return [], build_ext
 
     forced: set[str] = set()
@@ -56,7 +56,8 @@ def _extensions() -> tuple[list, type[build_ext]]:
         if cpp_switch == "1":
             forced.add("calibprune._cpp")
 
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
+                          + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     has_cuda_toolchain = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if cuda_sources and (cuda_switch == "1" or (cuda_switch == "auto" and has_cuda_toolchain)):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .pruning.report import PruneReport
 from .provenance import provenance
+from .pruning.report import PruneReport
 
 log = logging.getLogger(__name__)
 

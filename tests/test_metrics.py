@@ -7,8 +7,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from calibprune.metrics import (as_ids, calibration_perplexity, information_metrics, ngram_aggregation,
-                                ngram_diversity, token_entropy, vocab_coverage, zipf_slope)
+from calibprune.metrics import (
+    as_ids,
+    calibration_perplexity,
+    information_metrics,
+    ngram_aggregation,
+    ngram_diversity,
+    token_entropy,
+    vocab_coverage,
+    zipf_slope,
+)
 
 REPEAT = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])
 

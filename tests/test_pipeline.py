@@ -21,7 +21,8 @@ from calibprune.pruning import capture_layer_inputs, find_decoder_layers, select
 
 def _targets(model):
     prefix, layers = find_decoder_layers(model)
-    return {f"{prefix}.{i}.{name}": mod for i, layer in enumerate(layers) for name, mod in select_targets(layer).items()}
+    return {f"{prefix}.{i}.{name}": mod for i, layer in enumerate(layers)
+            for name, mod in select_targets(layer).items()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -101,7 +102,8 @@ def test_wanda_scores_each_row():
 
 def test_targets_and_ignore_patterns():
     model = tiny_model("llama")
-    report = prune_sparsegpt_fused(model, random_ids(4, 16), sparsity=0.5, targets=("mlp.*",), ignore=("mlp.down_proj",))
+    report = prune_sparsegpt_fused(model, random_ids(4, 16), sparsity=0.5, targets=("mlp.*",),
+                                   ignore=("mlp.down_proj",))
     assert {r.name for r in report.modules} == {"mlp.gate_proj", "mlp.up_proj"}
     _, layers = find_decoder_layers(model)
     assert (layers[0].self_attn.q_proj.weight != 0).all()
@@ -119,8 +121,8 @@ def test_shared_hessian_groups():
             super().add_batch(leader, x)
 
     from calibprune.pruning.config import PruneConfig
-    from calibprune.pruning.report import PruneReport
     from calibprune.pruning.pipeline import prune_layerwise
+    from calibprune.pruning.report import PruneReport
 
     model = tiny_model("llama")
     config = PruneConfig(sparsity=0.5, batch_size=4)

@@ -17,7 +17,10 @@ __all__ = ["prune_wanda", "prune_magnitude", "wanda_mask", "magnitude_mask", "nm
 
 
 def nm_mask(score: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
-    """In every row, prune the ``prune_n`` lowest scores of each group of ``prune_m`` columns. ``score: [rows, cols]``."""
+    """In every row, prune the ``prune_n`` lowest scores of each group of ``prune_m`` columns.
+
+    ``score: [rows, cols]``; returns a bool mask of the same shape.
+    """
     rows, cols = score.shape
     groups = score.reshape(rows, cols // prune_m, prune_m)
     idx = torch.topk(groups, prune_n, dim=-1, largest=False)[1]

@@ -15,7 +15,6 @@ import fnmatch
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,7 +55,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def select_targets(layer: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+def select_targets(layer: nn.Module, targets: tuple[str, ...] = (),
+                   ignore: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """Linear modules of one decoder layer to prune, by fnmatch patterns on names relative to the layer."""
     found = {}
     for name, mod in layer.named_modules():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _compare import RTOL, assert_close
+
 from calibprune.ops import hessian_update, hessian_update_reference
 
 from ._backend_fixtures import backend_env  # noqa: F401 - pytest fixture
@@ -13,7 +13,7 @@ BACKENDS = ["torch", "triton", "cuda"]
 
 # (batch or None for a 2-D [t, d] input, tokens per sequence, d): odd widths, ragged tiles, a single token.
 SHAPES = [(3, 7, 45), (None, 50, 37), (2, 33, 99), (1, 1, 17)]
-# Shapes wide enough for the tiled torch path (d >= 1024) are only worth it on compiled backends.
+# A wide shape (d >= 1024, many SYRK tiles) is only worth it on compiled backends.
 WIDE_SHAPES = [(2, 40, 1100)]
 
 
@@ -73,3 +73,16 @@ def test_hessian_update_running_average(backend_env):
     assert_close(H, expected, rtol=RTOL[torch.float32], name=f"H ({backend})")
     all_x = torch.cat([X.reshape(-1, d) for X in batches])
     assert_close(H, 2 * all_x.t() @ all_x / 6, rtol=RTOL[torch.float32], name="H vs 2/n·XᵀX")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + WIDE_SHAPES + [(4, 64, 576)], ids=_id)
+def test_torch_backend_is_bitwise_reference(shape, dtype):
+    """The torch path keeps the reference's exact op sequence, so SparseGPT masks cannot flip on near-ties."""
+    H0, X = _inputs(shape, dtype, seed=3)
+    expected, H = H0.clone(), H0.clone()
+    n_ref = n = 3
+    for _ in range(3):
+        n_ref = hessian_update_reference(expected, X, n_ref)
+        n = hessian_update(H, X, n, backend="torch")
+    assert n == n_ref and torch.equal(H, expected)

@@ -134,16 +134,25 @@ def test_hand_counted():
         assert empty["top_k_mass"] == {10: 0.0, 100: 0.0}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_large_parallel_path(backend):
-    # More windows than the C++ single-thread cut-off (32768), with repeats, holes and hashed keys.
-    ids = _ids(6, 9000, 70000, palette=12, seed=11)
-    mask = torch.rand(6, 9000, generator=torch.Generator().manual_seed(3)) > 0.05
-    for n, kw in ((4, {}), (4, {"attention_mask": mask}), (2, {"lengths": torch.tensor([9000, 0, 17, 4000, 9000, 1])})):
-        expected = ngram_stats_reference(ids, n, **kw)
-        got = ngram_stats(ids, n, backend=backend, **kw)
-        for key in ("total", "distinct", "aggregation", "top_k_mass"):
-            assert got[key] == expected[key], f"n={n} {list(kw)} {key}: {got[key]} != {expected[key]}"
+def test_large_inputs(backend, threads):
+    # Over 2^19 windows the C++ backend partitions the keys (and goes parallel); below, one table. Both paths, with
+    # repeats, holes and hashed keys.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        b, t = 3, 180_001
+        ids = _ids(b, t, 70000, palette=12, seed=11)
+        mask = torch.rand(b, t, generator=torch.Generator().manual_seed(3)) > 0.02
+        cases = ((4, {}), (4, {"attention_mask": mask}), (2, {"lengths": torch.tensor([t, 0, 17])}))
+        for n, kw in cases:
+            expected = ngram_stats_reference(ids, n, **kw)
+            got = ngram_stats(ids, n, backend=backend, **kw)
+            for key in ("total", "distinct", "aggregation", "top_k_mass"):
+                assert got[key] == expected[key], f"n={n} {list(kw)} {key}: {got[key]} != {expected[key]}"
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_backends_agree_on_hashes():

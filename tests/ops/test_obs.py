@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _compare import RTOL, assert_close, assert_masks_equal
+
 from calibprune.ops import obs_prune, obs_prune_reference
 from calibprune.ops.obs import inverse_factor
 from calibprune.ops.obs.torch_impl import obs_prune_torch

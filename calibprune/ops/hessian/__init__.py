@@ -46,7 +46,7 @@ def hessian_update(H: torch.Tensor, X: torch.Tensor, nsamples: int, *, backend: 
     X2d = X.reshape(-1, X.shape[-1])
     chosen = resolve_backend(backend, H.device, SUPPORTED, op="hessian_update")
     if chosen == "torch":
-        hessian_update_torch(H, X2d.float() if X2d.dtype != torch.float32 else X2d, beta, alpha)
+        hessian_update_torch(H, X2d, beta, alpha)
     elif chosen == "triton":
         from calibprune.kernels.hessian import hessian_update_triton
 

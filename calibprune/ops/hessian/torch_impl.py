@@ -1,29 +1,21 @@
-"""Fused torch backend for ``hessian_update``: one scaled accumulate per batch, upper-triangle tiles only."""
+"""Torch backend for ``hessian_update``: the reference's own numerics, for identical SparseGPT masks.
+
+The masks SparseGPT picks depend on H through ties that float rounding can break, so the torch backend keeps
+the reference's exact sequence (scale X by √α, scale H by β, add the product) and is bitwise equal to
+:func:`hessian_update_reference`. Measured on this project's CPU BLAS: a single ``addmm_(beta, alpha)``, or
+upper-triangle tiling, differs by ~1e-7 relative, enough to flip a handful of the 100M mask entries of
+SmolLM2-135M at 60%. The fused pipeline's savings on CPU come from sharing one Hessian across the modules that
+read the same input (q/k/v, gate/up), not from a cheaper product; the Triton/CUDA kernels do the SYRK.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
-# Below this width a single GEMM is cheaper than tiling (launch and Python overhead dominate).
-_SYRK_MIN_DIM = 1024
-_SYRK_TILE = 512
-
 
 def hessian_update_torch(H: torch.Tensor, X2d: torch.Tensor, beta: float, alpha: float) -> None:
-    """H ← β·H + α·XᵀX for ``X2d: [tokens, d]`` fp32, computing only the upper-triangle tiles and mirroring.
-
-    A symmetric rank-k update (SYRK) needs about half the flops of a full GEMM; torch has no SYRK, so wide
-    Hessians are split into tiles and the strictly-lower tiles are copied from their transposes.
-    """
-    d = H.shape[0]
-    if d < _SYRK_MIN_DIM:
-        H.addmm_(X2d.t(), X2d, beta=beta, alpha=alpha)
-        return
-    Xt = X2d.t()
-    starts = list(range(0, d, _SYRK_TILE))
-    for i in starts:
-        i2 = min(i + _SYRK_TILE, d)
-        # One GEMM per tile row covers the diagonal tile and everything right of it.
-        H[i:i2, i:].addmm_(Xt[i:i2], X2d[:, i:], beta=beta, alpha=alpha)
-    for i in starts:
-        i2 = min(i + _SYRK_TILE, d)
-        H[i2:, i:i2] = H[i:i2, i2:].t()
+    """H ← β·H + (√α·X)ᵀ(√α·X) for ``X2d: [tokens, d]`` (upcast to fp32), bitwise as the reference computes it."""
+    Xs = math.sqrt(alpha) * X2d.float()
+    H *= beta
+    H += Xs.t() @ Xs

@@ -85,7 +85,12 @@ def ngram_counter_reference(ids: torch.Tensor, n: int = 4, *, lengths: torch.Ten
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     counter: Counter = Counter()
-    for row, keep in zip(ids.cpu().tolist(), _token_mask(ids, lengths, attention_mask)):
+    rows = ids.cpu().tolist()
+    if lengths is None and attention_mask is None:
+        for row in rows:
+            counter.update(zip(*(row[k:] for k in range(n))))
+        return counter
+    for row, keep in zip(rows, _token_mask(ids, lengths, attention_mask)):
         for run in _valid_runs(row, keep):
             counter.update(zip(*(run[k:] for k in range(n))))
     return counter

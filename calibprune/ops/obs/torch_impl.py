@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def inverse_factor(H: torch.Tensor, percdamp: float, *, method: str = "chol_inverse") -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_factor(H: torch.Tensor, percdamp: float, *,
+                   method: str = "chol_inverse") -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of the damped H⁻¹ (UᵀU = H⁻¹), after the reference's dead-column fix.
 
     ``method="chol_inverse"`` is the reference's chol → cholesky_inverse → chol(upper) (three O(d³) steps).

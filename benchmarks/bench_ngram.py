@@ -1,6 +1,6 @@
 """Benchmark n-gram statistics (``ngram_stats``): Python Counter, torch.unique, and every calibprune backend.
 
-Usage: ``python benchmarks/bench_ngram.py [--batch 128 --seqlen 2048 --vocab 49152 --n 4 --dist zipf]``.
+Usage: ``python benchmarks/bench_ngram.py [--batch 128 --seqlen 2048 --vocab 49152 --n 4 --dist zipf --threads 1]``.
 Speeds are ratios against the Python ``Counter`` reference and against the plain ``torch.unique`` recipe
 (``unique(dim=0)`` over the unfolded n-gram rows), both timed in the same run. Every provider's result is checked
 against the reference before it is timed.
@@ -98,5 +98,8 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--counter-repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (recorded in the device field)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     main(a.batch, a.seqlen, a.vocab, a.n, a.dist, a.device, a.repeats, a.counter_repeats, a.out)

@@ -34,11 +34,14 @@ def realistic_hessian(cols: int, device: torch.device, *, tokens: int = 4096, se
 
 
 def providers(device: torch.device) -> list[str]:
+    """Reference first, then every backend here; the fastest compiled one again with the cheaper U factor
+    (``<backend>+reversed``: one Cholesky + one triangular inverse, equal to the reference's U up to rounding)."""
     found = ["reference", "torch"]
     avail = available_backends(device)
     for name in ("cpp", "triton", "cuda"):
         if name in avail and not (name == "triton" and device.type == "cpu"):
             found.append(name)
+    found.append(found[-1] + "+reversed")
     return found
 
 
@@ -69,9 +72,10 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: f
                         return obs_prune_reference(state["W"], state["H"], sparsity, prune_n=n, prune_m=m,
                                                    blocksize=blocksize)[0]
                 else:
-                    def fn(provider=provider):
+                    backend, _, method = provider.partition("+")
+                    def fn(backend=backend, method=method or "chol_inverse"):
                         return obs_prune(state["W"], state["H"], sparsity, prune_n=n, prune_m=m,
-                                         blocksize=blocksize, backend=provider)
+                                         blocksize=blocksize, backend=backend, inverse_method=method)
                 setup()
                 mask = fn()  # also the warm-up for compiled kernels
                 if ref_mask is None:

@@ -81,6 +81,7 @@ def obs_prune_triton(
     prune_m: int,
     blocksize: int,
     percdamp: float,
+    inverse_method: str = "chol_inverse",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT OBS prune of ``W: [rows, cols] fp32`` in place with one Triton launch per column block.
 
@@ -94,7 +95,7 @@ def obs_prune_triton(
     if W.dtype != torch.float32 or W.dim() != 2 or W.stride(1) != 1:
         raise ValueError(f"W must be a 2-D fp32 matrix with unit column stride, got {tuple(W.shape)} {W.dtype}")
     rows, cols = W.shape
-    U, dead = inverse_factor(H, percdamp)
+    U, dead = inverse_factor(H, percdamp, method=inverse_method)
     W[:, dead] = 0
     U = U.contiguous()
     mask = torch.empty((rows, cols), dtype=torch.bool, device=W.device)

@@ -44,6 +44,7 @@ def obs_prune(
     percdamp: float = 0.01,
     backend: str = "auto",
     return_losses: bool = False,
+    inverse_method: str = "chol_inverse",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` in place exactly as SparseGPT's ``fasterprune`` does and return the pruned-weight mask.
 
@@ -56,6 +57,10 @@ def obs_prune(
         percdamp: damping as a fraction of mean(diag H).
         backend: ``"auto" | "torch" | "triton" | "cuda" | "cpp"``.
         return_losses: also return the per-row OBS loss ``[rows]``.
+        inverse_method: how U is factored (see :func:`inverse_factor`): ``"chol_inverse"`` (default) is the
+            reference's sequence and keeps masks bitwise equal to it; ``"reversed"`` needs about 40% less time
+            (one Cholesky + one triangular inverse) and gives the same U up to float rounding, which can flip
+            near-tied mask entries.
 
     Returns:
         mask ``[rows, cols]`` bool (True = pruned), or ``(mask, losses)``.
@@ -65,18 +70,20 @@ def obs_prune(
     if H.shape != (W.shape[1], W.shape[1]) or H.dtype != torch.float32:
         raise ValueError(f"H must be [cols, cols] = {(W.shape[1], W.shape[1])} fp32, got {tuple(H.shape)} {H.dtype}")
     check_obs_args(tuple(W.shape), sparsity, prune_n, prune_m, blocksize, percdamp)
+    if inverse_method not in ("chol_inverse", "reversed"):
+        raise ValueError(f"inverse_method must be 'chol_inverse' or 'reversed', got {inverse_method!r}")
     chosen = resolve_backend(backend, W.device, SUPPORTED, op="obs_prune")
     kwargs = dict(prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp)
     if chosen == "torch":
-        mask, losses = obs_prune_torch(W, H, sparsity, **kwargs)
+        mask, losses = obs_prune_torch(W, H, sparsity, inverse_method=inverse_method, **kwargs)
     elif chosen == "triton":
         from calibprune.kernels.obs import obs_prune_triton
 
-        mask, losses = obs_prune_triton(W, H, sparsity, **kwargs)
+        mask, losses = obs_prune_triton(W, H, sparsity, inverse_method=inverse_method, **kwargs)
     else:
         # Importing the extension registers torch.ops.calibprune_cpp / torch.ops.calibprune_cuda.
         native_extension("_cuda" if chosen == "cuda" else "_cpp")
-        U, dead = inverse_factor(H, percdamp)
+        U, dead = inverse_factor(H, percdamp, method=inverse_method)
         W[:, dead] = 0
         op = torch.ops.calibprune_cuda.obs_prune if chosen == "cuda" else torch.ops.calibprune_cpp.obs_prune
         mask, losses = op(W, U, float(sparsity), prune_n, prune_m, blocksize)

@@ -297,6 +297,9 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
             phases["propagate"] += time.perf_counter() - t_phase
             report.layer_seconds.append(time.perf_counter() - t_layer)
     report.seconds = time.perf_counter() - t_start
+    # Sub-phases a method times itself (e.g. SparseGPT's Hessian inside statistics, OBS inside prune).
+    phases |= {f"{k} (in {'statistics' if k == 'hessian' else 'prune'})": v
+               for k, v in getattr(method, "phase_seconds", {}).items()}
     report.phase_seconds = phases
     return report
 

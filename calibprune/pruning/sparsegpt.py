@@ -8,6 +8,7 @@ OBS loop of :func:`calibprune.ops.obs_prune` with a backend switch, and no recom
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ class SparseGPTMethod(LayerMethod):
         self.H: dict[str, torch.Tensor] = {}
         self.nsamples: dict[str, int] = {}
         self.seqlen = 0
+        self.phase_seconds = {"hessian": 0.0}
 
     def start_layer(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
         self.device = device
@@ -45,10 +47,12 @@ class SparseGPTMethod(LayerMethod):
             self.H[leader] = torch.zeros((d, d), dtype=torch.float32, device=x.device)
             self.nsamples[leader] = 0
         self.seqlen = x.shape[-2] if x.dim() == 3 else x.shape[0]
+        t0 = time.perf_counter()
         if self.reference:
             self.nsamples[leader] = hessian_update_reference(self.H[leader], x, self.nsamples[leader])
         else:
             self.nsamples[leader] = hessian_update(self.H[leader], x, self.nsamples[leader], backend=self.backend)
+        self.phase_seconds["hessian"] += time.perf_counter() - t0
 
     def prune_module(self, name: str, module: nn.Linear, leader: str, config: PruneConfig) -> dict:
         H = self.H[leader]
@@ -56,10 +60,12 @@ class SparseGPTMethod(LayerMethod):
         W = W_old.clone()
         kwargs = dict(prune_n=config.prune_n, prune_m=config.prune_m, blocksize=config.blocksize,
                       percdamp=config.percdamp)
+        t0 = time.perf_counter()
         if self.reference:
             _, losses = obs_prune_reference(W, H.clone(), config.sparsity, **kwargs)
         else:
             _, losses = obs_prune(W, H.clone(), config.sparsity, backend=self.backend, return_losses=True, **kwargs)
+        self.phase_seconds["obs"] = self.phase_seconds.get("obs", 0.0) + time.perf_counter() - t0
         module.weight.data.copy_(W.to(module.weight.dtype))
         return hessian_errors(W_old, W, H, self.seqlen) | {"obs_loss": float(losses.sum())}
 

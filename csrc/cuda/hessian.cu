@@ -11,24 +11,14 @@
 
 #include <cuda_runtime.h>
 
-// A CUDA build of torch ships the c10/cuda headers; a CPU build (used only to syntax-check this file with plain
-// nvcc, .ci/check_cuda.sh) lacks their generated config header, so fall back to the default stream there.
-#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define CALIBPRUNE_HAS_C10_CUDA 1
-#else
-#define CALIBPRUNE_HAS_C10_CUDA 0
-#endif
+#include "common.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
 namespace {
 
-inline void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
-}
+using calibprune::check_cuda;
 
 constexpr int kTile = 64;   // output tile edge
 constexpr int kK = 16;      // tokens per shared-memory stage
@@ -160,12 +150,7 @@ void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double 
   TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1) && H.scalar_type() == at::kFloat && H.is_contiguous(),
               "hessian_update (cuda): H must be a contiguous square fp32 matrix");
   TORCH_CHECK(X.dim() == 2 && X.size(1) == H.size(0), "hessian_update (cuda): X must be [tokens, d]");
-#if CALIBPRUNE_HAS_C10_CUDA
-  const c10::cuda::CUDAGuard guard(H.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-#else
-  const cudaStream_t stream = nullptr;
-#endif
+  CALIBPRUNE_GUARD_AND_STREAM(H);
   const at::Tensor Xc = X.contiguous();
   const int64_t tokens = Xc.size(0), d = Xc.size(1);
   if (d == 0) return;

@@ -9,15 +9,7 @@
 
 #include <cuda_runtime.h>
 
-// A CUDA build of torch ships the c10/cuda headers; a CPU build (used only to syntax-check this file with plain
-// nvcc) lacks their generated config header, so fall back to the default stream there.
-#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define CALIBPRUNE_HAS_C10_CUDA 1
-#else
-#define CALIBPRUNE_HAS_C10_CUDA 0
-#endif
+#include "common.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -78,12 +70,7 @@ std::tuple<at::Tensor, at::Tensor> ngram_hashes_cuda(const at::Tensor& ids, cons
     TORCH_CHECK(mk.is_contiguous() && mk.device() == ids.device(), "ngram: mask must be contiguous on ids' device");
     mask_ptr = static_cast<const uint8_t*>(mk.data_ptr());
   }
-#if CALIBPRUNE_HAS_C10_CUDA
-  const c10::cuda::CUDAGuard guard(ids.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-#else
-  const cudaStream_t stream = nullptr;
-#endif
+  CALIBPRUNE_GUARD_AND_STREAM(ids);
   const int64_t b = ids.size(0), t = ids.size(1), m = std::max<int64_t>(t - n + 1, 0);
   auto keys = at::empty({b, m}, ids.options());
   auto valid = at::empty({b, m}, ids.options().dtype(at::kBool));

@@ -14,24 +14,14 @@
 
 #include <cuda_runtime.h>
 
-// A CUDA build of torch ships the c10/cuda headers; a CPU build (used only to syntax-check this file with plain
-// nvcc, .ci/check_cuda.sh) lacks their generated config header, so fall back to the default stream there.
-#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define CALIBPRUNE_HAS_C10_CUDA 1
-#else
-#define CALIBPRUNE_HAS_C10_CUDA 0
-#endif
+#include "common.cuh"
 
 #include <algorithm>
 #include <tuple>
 
 namespace {
 
-inline void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
-}
+using calibprune::check_cuda;
 
 constexpr int kWarps = 8;          // warps (rows in flight) per thread block
 constexpr int kRowsPerWarp = 4;    // rows each warp walks in turn, sharing the staged U tile
@@ -171,12 +161,7 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cuda(at::Tensor W, const at::Tensor
               "obs_prune (cuda): U must be [cols, cols] fp32");
   TORCH_CHECK(blocksize >= 1 && blocksize <= 256, "obs_prune (cuda): blocksize must be in [1, 256]");
   TORCH_CHECK(prune_n == 0 || (0 < prune_n && prune_n < prune_m), "obs_prune (cuda): N:M needs 0 < n < m");
-#if CALIBPRUNE_HAS_C10_CUDA
-  const c10::cuda::CUDAGuard guard(W.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-#else
-  const cudaStream_t stream = nullptr;
-#endif
+  CALIBPRUNE_GUARD_AND_STREAM(W);
 
   at::Tensor Wc = W.contiguous();
   const at::Tensor Uc = U.contiguous();

@@ -9,8 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
-from .calibration import CalibrationSet, build_calibration, list_sources, load_texts  # noqa: E402
-from .evaluation import perplexity, wikitext2_perplexity  # noqa: E402
+from .calibration import CalibrationSet, build_calibration, igsp, list_sources, load_texts, self_cal, sgs  # noqa: E402
+from .evaluation import evaluate, perplexity, retention, wikitext2_perplexity  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .pruning import (  # noqa: E402
     PruneConfig,
@@ -38,6 +38,9 @@ __all__ = [
     "build_calibration",
     "list_sources",
     "load_texts",
+    "self_cal",
+    "sgs",
+    "igsp",
     "PruneConfig",
     "PruneReport",
     "prune_sparsegpt_fused",
@@ -46,6 +49,8 @@ __all__ = [
     "prune_magnitude",
     "perplexity",
     "wikitext2_perplexity",
+    "evaluate",
+    "retention",
     "save_pruned",
     "PRUNERS_BY_METHOD",
 ]

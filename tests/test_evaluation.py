@@ -16,7 +16,9 @@ from calibprune.evaluation.capabilities import SUITES, evaluate, resolve_plan, r
 from calibprune.evaluation.lm_eval_functions import (
     extract_boxed,
     gsm8k_process_results,
+    humaneval_process_results,
     math_process_results,
+    mbpp_process_results,
     normalize_math_answer,
 )
 from calibprune.evaluation.proxies import encode_pairs, solution_nll
@@ -214,6 +216,19 @@ def test_generative_scorers():
     assert math_process_results({"solution": r"it is $\boxed{5}$."}, [r"We get \boxed{5.0}"]) == {"exact_match": 1}
 
 
+@needs_data
+def test_code_scorers_pass_reference_and_fail_wrong(monkeypatch):
+    he = load_docs("humaneval", DATA_DIR)[0]
+    mb = load_docs("mbpp", DATA_DIR)[0]
+    with pytest.raises(RuntimeError, match="allow_code_execution"):
+        humaneval_process_results(he, [he["solution"]])
+    monkeypatch.setenv("CALIBPRUNE_ALLOW_CODE_EXECUTION", "1")
+    assert humaneval_process_results(he, [he["solution"]]) == {"pass@1": 1}
+    assert humaneval_process_results(he, ["    return None\n"]) == {"pass@1": 0}
+    assert mbpp_process_results(mb, [mb["solution"] + "\n[DONE] trailing"]) == {"pass@1": 1}
+    assert mbpp_process_results(mb, ["def nothing(): pass"]) == {"pass@1": 0}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate(): errors first, then a smoke run and the cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +245,10 @@ def test_errors_before_any_evaluation(tmp_path):
         resolve_plan("lite", overrides={"mmlu": {"limt": 3}})
     with pytest.raises(ValueError, match="limit"):
         resolve_plan("lite", limit=0)
+    with pytest.raises(ValueError, match="unknown option.*max_windows"):  # WikiText-2 is sized by windows
+        resolve_plan("lite", overrides={"wikitext2": {"limit": 3}})
+    with pytest.raises(ValueError, match="not among the selected"):
+        resolve_plan("lite", overrides={"boolq": {"limit": 3}})
     with pytest.raises(ValueError, match="allow_code_execution"):
         resolve_plan("paper", benchmarks=["humaneval"], data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "gsm8k" / "test.jsonl")):
@@ -251,6 +270,8 @@ def test_suites_resolve_offline():
     for dim in dims:  # >= 2 benchmarks per dimension
         assert sum(BENCHMARKS[n].dimension == dim for n in lite["options"]) >= 2
     assert all(len(d) == 2 for d in lite["docs"].values() if d is not None)
+    hub = resolve_plan("paper", offline=False, allow_code_execution=True)
+    assert hub["docs"]["hellaswag"] is None  # the standard lm-eval task reads the hub at run time
     paper = resolve_plan("paper", allow_code_execution=True)
     assert paper["options"]["mmlu"]["num_fewshot"] == 5
     assert len(paper["docs"]["hellaswag"]) == 9842
@@ -260,13 +281,12 @@ TINY_OVERRIDES = {"wikitext2": {"seqlen": 64, "max_windows": 2}, "humaneval_nll"
                   "mbpp_nll": {"max_length": 128}, "gsm8k_nll": {"max_length": 128}, "math_nll": {"max_length": 128}}
 
 
+@pytest.mark.slow
 @needs_data
 @needs_lm_eval
-def test_evaluate_lite_smoke_and_cache(tiny_lm, tmp_path, monkeypatch):
+def test_evaluate_lite_smoke(tiny_lm):
     model, tok = tiny_lm
-    kwargs = dict(suite="lite", limit=2, overrides=TINY_OVERRIDES, batch_size=4, max_length=512,
-                  cache_dir=tmp_path / "cache", cache_key="tiny-llama-dense")
-    res = evaluate(model, tok, **kwargs)
+    res = evaluate(model, tok, suite="lite", limit=2, overrides=TINY_OVERRIDES, batch_size=4, max_length=512)
     assert set(res["benchmarks"]) == set(SUITES["lite"])
     for name, b in res["benchmarks"].items():
         assert b["dimension"] == BENCHMARKS[name].dimension and math.isfinite(b["value"]), name
@@ -276,21 +296,32 @@ def test_evaluate_lite_smoke_and_cache(tiny_lm, tmp_path, monkeypatch):
             assert b["value"] > 0 and b["n"] == 2
     assert res["benchmarks"]["wikitext2"]["metric"] == "perplexity"
     assert set(res["dimensions"]) == {"general", "commonsense", "code", "math"}
-    assert res["provenance"]["cache"]["hit"] is False
     json.dumps(res)  # serialisable
-    same = retention(res, res)
-    assert same["total"] == pytest.approx(1.0)
+    assert retention(res, res)["total"] == pytest.approx(1.0)
+
+
+@needs_data
+@needs_lm_eval
+def test_evaluate_cache_hit(tiny_lm, tmp_path, monkeypatch):
+    model, tok = tiny_lm
+    kwargs = dict(suite="lite", limit=2, benchmarks=["arc_easy", "gsm8k_nll", "wikitext2"],
+                  overrides={k: TINY_OVERRIDES[k] for k in ("wikitext2", "gsm8k_nll")}, batch_size=4,
+                  max_length=512, cache_dir=tmp_path / "cache", cache_key="tiny-llama-dense")
+    res = evaluate(model, tok, **kwargs)
+    assert res["provenance"]["cache"]["hit"] is False
+    assert {b["n"] for b in res["benchmarks"].values()} == {2}
+    assert set(res["dimensions"]) == {"general", "commonsense", "math"}
 
     def boom(*a, **k):
         raise AssertionError("the model must not be evaluated on a cache hit")
 
     monkeypatch.setattr(capabilities, "_run_lm_eval", boom)
     monkeypatch.setattr(capabilities, "solution_nll", boom)
+    monkeypatch.setattr(capabilities, "perplexity", boom)
     again = evaluate(model, tok, **kwargs)
     assert again["provenance"]["cache"]["hit"] is True
     assert again["benchmarks"] == res["benchmarks"]
-    # a different limit is a different cache entry
-    with pytest.raises(AssertionError, match="cache hit"):
+    with pytest.raises(AssertionError, match="cache hit"):  # a different limit is a different entry
         evaluate(model, tok, **{**kwargs, "limit": 3})
 
 

@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_model
 
 from calibprune.calibration import CalibrationSet, igsp, self_cal, sgs
-from calibprune.calibration.generate import ScheduledTemperature, greedy_min_aggregation
+from calibprune.calibration.generate import IGSP_SEED_PROMPTS, ScheduledTemperature, greedy_min_aggregation
 from calibprune.metrics import calibration_perplexity, ngram_aggregation
 
 VOCAB = 96
@@ -131,9 +131,9 @@ def test_sgs_drops_top_perplexity(model, tok, cache):
     selected_ppl = calibration_perplexity(model, calib.ids, per_sample=True)
     torch.testing.assert_close(selected_ppl, ppl[prov["selected_pool_indices"]], rtol=1e-5, atol=0)
     assert selected_ppl.max() <= dropped.min()
-    # Each row opens with a 2-token document prefix (the start token is not part of the row).
-    heads = {tuple(x[:2]) for x in tok(TEXTS)["input_ids"]}
-    assert all(tuple(r[:2].tolist()) in heads for r in calib.ids)
+    # Each row opens with 2 consecutive tokens of a source text (the start token is not part of the row).
+    bigrams = {tuple(x[j:j + 2]) for x in tok(TEXTS)["input_ids"] for j in range(len(x) - 1)}
+    assert all(tuple(r[:2].tolist()) in bigrams for r in calib.ids)
     assert prov["generator"]["sampling"] == {"t_init": 0.6, "t_final": 0.6, "schedule_tokens": 0, "top_k": 50,
                                              "top_p": 0.95, "repetition_penalty": 1.2}
 
@@ -144,6 +144,11 @@ def test_sgs_determinism_and_windows(model, tok):
     _check_rows(a, 3, 16)
     assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
     assert all(0 <= s <= 14 for s in a.provenance["window_starts"])
+    assert a.provenance["pool_path"] is None  # cache=False writes nothing
+    heads = {tuple(x[:2]) for x in tok(TEXTS)["input_ids"]}
+    full = sgs(model, tok, n=3, seqlen=30, seed=2, texts=TEXTS, prefix_position="start", cache=False, progress=False)
+    assert full.provenance["generator"]["prefix_position"] == "start"
+    assert all(tuple(r[:2].tolist()) in heads for r in full.ids)
 
 
 # --- IGSP ----------------------------------------------------------------------------------------------------------
@@ -157,6 +162,7 @@ def test_igsp_quotas_strata_and_selection(model, tok, cache):
     counts = {g: calib.row_sources.count(f"igsp:{g}") for g in groups}
     assert counts == {g: 3 for g in groups}
     assert prov["stratum_quotas"] == {f"{g}:{s}": 1 for g in groups for s in range(3)}
+    assert sorted(prov["row_strata"]) == sorted(f"{g}:{s}" for g in groups for s in range(3))
     # Strata are ordered by perplexity and do not overlap.
     for g, bounds in prov["strata_perplexity_bounds"].items():
         assert all(lo <= hi for lo, hi in bounds)
@@ -164,8 +170,7 @@ def test_igsp_quotas_strata_and_selection(model, tok, cache):
     assert prov["ngram_aggregation"] == pytest.approx(ngram_aggregation(calib.ids)["aggregation"])
     assert prov["ngram_aggregation"] <= prov["ngram_aggregation_random_selection"]
     code_rows = [r for r, s in zip(calib.ids, calib.row_sources) if s == "igsp:code"]
-    seeds = {tuple(x) for x in tok(["def ", "import ", "class ", "for i in range(", "# Python function to",
-                                    "function ", "#include <"])["input_ids"]}
+    seeds = {tuple(x) for x in tok(list(IGSP_SEED_PROMPTS["code"]))["input_ids"]}
     assert all(any(tuple(r[:len(s)].tolist()) == s for s in seeds) for r in code_rows)
 
 

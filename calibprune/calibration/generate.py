@@ -51,15 +51,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Short, generic openings per capability dimension: they steer the model towards a kind of text without
-# supplying any content from a capability-aligned corpus.
+# supplying any content from a capability-aligned corpus. No trailing spaces: BPE tokenisers attach a space to
+# the following word, so "def " would end the prompt on a lone-space token the model rarely sees.
 IGSP_SEED_PROMPTS: dict[str, tuple[str, ...]] = {
-    "general": ("The ", "In ", "A ", "It was", "According to", "One of the", "Today"),
+    "general": ("The", "In", "A", "It was", "According to", "One of the", "Today"),
     "commonsense": ("Question: Why do people", "If you drop a glass", "Q: What happens when", "To make a cup of tea,",
                     "Which is heavier", "After the rain,", "Most people"),
-    "code": ("def ", "import ", "class ", "for i in range(", "# Python function to", "function ", "#include <"),
-    "math": ("Let x be", "Question: If", "Solve for x:", "The sum of", "Calculate ", "Problem: A", "Prove that"),
+    "code": ("def", "import", "class", "for i in range(", "# Python function to", "function", "#include <"),
+    "math": ("Let x be", "Question: If", "Solve for x:", "The sum of", "Calculate", "Problem: A", "Prove that"),
 }
 BOS_GROUP = "bos"
+# Part of every pool cache key: bump it when a change to the sampling code changes what a pool holds.
+POOL_FORMAT = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,8 +151,12 @@ def _derived_seed(seed: int, *tags: Any) -> int:
 
 @torch.no_grad()
 def _sample(model: torch.nn.Module, prompts: torch.Tensor, *, sampling: SamplingSettings, max_new_tokens: int,
-            min_new_tokens: int, eos: int, seed: int) -> list[tuple[torch.Tensor, bool]]:
-    """Sample continuations of ``prompts: [b, p] int64`` (no padding: equal-length prompts).
+            min_new_tokens: int, eos: int, seed: int,
+            attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, bool]]:
+    """Sample continuations of ``prompts: [b, p] int64``.
+
+    ``attention_mask: [b, p]`` (0 on left padding) lets prompts of different lengths share a batch; without it
+    every prompt token is real.
 
     Returns:
         One ``(tokens [k] int64 CPU, ended_by_eos)`` per row: the new tokens up to, not including, the first EOS.
@@ -178,7 +185,8 @@ def _sample(model: torch.nn.Module, prompts: torch.Tensor, *, sampling: Sampling
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
+            mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
+            out = model.generate(input_ids=prompts.to(device), attention_mask=mask.to(device),
                                  generation_config=config, logits_processor=processors)
     finally:
         model.train(was_training)
@@ -218,7 +226,7 @@ def _cached_pool(kind: str, model: torch.nn.Module, settings: dict, cache: bool,
     identity = model_identity(model)
     if not cache:
         return None, None, identity
-    path = pool_path(cache_dir, kind, pool_key(identity, {"kind": kind, **settings}))
+    path = pool_path(cache_dir, kind, pool_key(identity, {"kind": kind, "pool_format": POOL_FORMAT, **settings}))
     pool = load_pool(path)
     if pool is not None:
         log.info("%s: loaded cached pool %s (%d samples); not generating", kind, path, pool["ids"].shape[0])
@@ -231,39 +239,41 @@ def _per_sample_perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size
     return calibration_perplexity(model, ids, batch_size=batch_size, per_sample=True)
 
 
-def _generate_fixed_length(model: torch.nn.Module, prompts: list[torch.Tensor], keep_from: list[int], length: int,
-                           *, sampling: SamplingSettings, eos: int, seed: int, batch_size: int, desc: str,
+def _generate_fixed_length(model: torch.nn.Module, prompts: list[torch.Tensor], length: int, *,
+                           sampling: SamplingSettings, eos: int, seed: int, batch_size: int, desc: str,
                            progress: bool) -> torch.Tensor:
-    """Continue each prompt until its kept part (``prompt[keep_from:]`` + new tokens) holds ``length`` tokens.
+    """Continue each prompt ``[start] + body`` (``[p] int64``) until ``body`` + new tokens hold ``length`` tokens.
 
-    EOS is suppressed until then (``min_new_tokens``), so no sample is short. Prompts of equal length share
-    batches (ordered by length, then index), which is deterministic for a fixed ``batch_size``.
+    EOS is suppressed until then (``min_new_tokens``), so no sample is short. Prompts are sorted by length (then
+    index) and cut into batches of ``batch_size``; shorter prompts in a batch are left-padded (masked out), which
+    is deterministic for a fixed ``batch_size``. A batch runs for the tokens its shortest prompt needs; longer
+    prompts keep only the tokens they need.
 
     Returns:
         ``[len(prompts), length] int64``.
     """
     out = torch.empty(len(prompts), length, dtype=torch.int64)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and len(prompts[batches[-1][0]]) == len(prompts[i]) \
-                and keep_from[batches[-1][0]] == keep_from[i]:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+    longest = max(len(p) for p in prompts)
+    if longest - 1 >= length:
+        raise ValueError(f"a prompt of {longest - 1} tokens leaves no room in a sample of {length}")
     with tqdm(total=len(prompts) * length, desc=desc, unit="tok", disable=not progress) as bar:
-        for b, batch in enumerate(batches):
-            p = torch.stack([prompts[i] for i in batch])
-            kept = p.shape[1] - keep_from[batch[0]]
-            new = length - kept
-            if new < 1:
-                raise ValueError(f"prompt of {kept} kept tokens leaves no room in a sample of {length}")
+        for b in range(0, len(order), batch_size):
+            batch = order[b:b + batch_size]
+            width = max(len(prompts[i]) for i in batch)
+            p = torch.full((len(batch), width), eos, dtype=torch.int64)
+            mask = torch.zeros(len(batch), width, dtype=torch.int64)
+            for r, i in enumerate(batch):
+                p[r, width - len(prompts[i]):] = prompts[i]
+                mask[r, width - len(prompts[i]):] = 1
+            new = length - (min(len(prompts[i]) for i in batch) - 1)
             gens = _sample(model, p, sampling=sampling, max_new_tokens=new, min_new_tokens=new, eos=eos,
-                           seed=_derived_seed(seed, desc, b))
+                           seed=_derived_seed(seed, desc, b // batch_size), attention_mask=mask)
             for i, (tokens, _) in zip(batch, gens):
-                if tokens.numel() != new:  # only a model that emits EOS despite min_new_tokens gets here
-                    raise RuntimeError(f"{desc}: generation returned {tokens.numel()} of {new} tokens")
-                out[i] = torch.cat([prompts[i][keep_from[i]:], tokens])
+                need = length - (len(prompts[i]) - 1)
+                if tokens.numel() < need:  # only a model that emits EOS despite min_new_tokens gets here
+                    raise RuntimeError(f"{desc}: generation returned {tokens.numel()} of {need} tokens")
+                out[i] = torch.cat([prompts[i][1:], tokens[:need]])
             bar.update(len(batch) * length)
     return out
 
@@ -356,15 +366,17 @@ def self_cal(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: in
 
 def sgs(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 2048, seed: int = 0,
         source: str = "wikitext2", texts: Sequence[str] | None = None, prefix_tokens: int = 2,
-        pool_factor: float = 1.25, drop_fraction: float = 0.2, sample_tokens: int | None = None,
+        prefix_position: str = "random", pool_factor: float = 1.25, drop_fraction: float = 0.2,
+        sample_tokens: int | None = None,
         temperature: float = 0.6, top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.2,
         batch_size: int = 8, ppl_batch_size: int = 8, data_dir: str | os.PathLike | None = None,
         data_source: str = "auto", cache_dir: str | os.PathLike | None = None, cache: bool = True,
         progress: bool = True) -> CalibrationSet:
     """SGS (Ji et al., ICLR 2025): self-generated text from short source prefixes, high-perplexity tail dropped.
 
-    1. Pool of ⌈pool_factor · n⌉ samples. Each starts from the first ``prefix_tokens`` tokens of a source document
-       (documents drawn without replacement while they last; the prompt is ``[start] + prefix``) and is continued
+    1. Pool of ⌈pool_factor · n⌉ samples. Each starts from ``prefix_tokens`` consecutive tokens of a source
+       document (documents drawn without replacement while they last; the prompt is ``[start] + prefix``), taken at
+       a random position (``prefix_position="random"``, default) or at the document start (``"start"``), and continued
        with temperature 0.6, top-k 50, top-p 0.95 and repetition penalty 1.2 until it holds ``sample_tokens``
        tokens (default ``seqlen``; prefix included, start token not; EOS suppressed until then).
     2. Per-sample perplexity under the model; the ⌊drop_fraction · pool⌉ (rounded) highest are dropped.
@@ -373,6 +385,9 @@ def sgs(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 2
 
     Args:
         source, texts: where prefixes come from: a source name for :func:`load_texts`, or the texts themselves.
+        prefix_position: ``"random"`` or ``"start"``. Random is the default because document starts are
+            formulaic: the 60 WikiText-2 validation articles all open with ``" = Title ="``, so their first two
+            tokens would give near-identical prompts.
         data_dir, data_source: passed to :func:`load_texts`.
         ppl_batch_size: rows per forward pass when scoring the pool.
 
@@ -386,6 +401,8 @@ def sgs(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 2
         raise ValueError(f"sample_tokens ({sample_tokens}) must be >= seqlen ({seqlen})")
     if not 1 <= prefix_tokens < sample_tokens:
         raise ValueError(f"prefix_tokens must be in [1, sample_tokens), got {prefix_tokens}")
+    if prefix_position not in ("random", "start"):
+        raise ValueError(f"prefix_position must be 'random' or 'start', got {prefix_position!r}")
     if pool_factor < 1:
         raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
     if not 0 <= drop_fraction < 1:
@@ -406,31 +423,46 @@ def sgs(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 2
         source_name = source
     else:
         source_name = "<texts>"
-    # Only the opening of each document matters; tokenising a short head keeps this cheap on large sources.
-    heads = tokenizer([t[: 64 * prefix_tokens] for t in texts], add_special_tokens=False)["input_ids"]
-    usable = [k for k, h in enumerate(heads) if len(h) >= prefix_tokens]
+    if not texts:
+        raise ValueError(f"source {source_name!r} returned no documents")
+    # Documents drawn without replacement while they last, then again in a new order; only drawn ones are tokenised.
+    reps = math.ceil(pool_size / len(texts))
+    doc_order = np.concatenate([rng.permutation(len(texts)) for _ in range(reps)])[:pool_size]
+    drawn = sorted(set(doc_order.tolist()))
+    tokens = dict(zip(drawn, tokenizer([texts[k] for k in drawn], add_special_tokens=False)["input_ids"]))
+    usable = {k for k, t in tokens.items() if len(t) >= prefix_tokens}
     if not usable:
-        raise ValueError(f"no document of {source_name!r} has {prefix_tokens} tokens for a prefix")
-    reps = math.ceil(pool_size / len(usable))
+        raise ValueError(f"no drawn document of {source_name!r} has {prefix_tokens} tokens for a prefix")
+    if len(usable) < len(tokens):
+        log.warning("sgs: %d of %d drawn documents are shorter than %d tokens; their draws go to the others",
+                    len(tokens) - len(usable), len(tokens), prefix_tokens)
+        cycle = [k for k in doc_order.tolist() if k in usable]
+        doc_order = np.asarray([cycle[j % len(cycle)] for j in range(pool_size)])
     if reps > 1:
-        log.warning("sgs: %d documents for a pool of %d; prefixes repeat", len(usable), pool_size)
-    doc_order = np.concatenate([rng.permutation(usable) for _ in range(reps)])[:pool_size]
-    prefixes = [torch.tensor(heads[k][:prefix_tokens], dtype=torch.int64) for k in doc_order]
+        log.info("sgs: %d documents for a pool of %d; documents repeat (prefix positions differ)", len(texts),
+                 pool_size)
+    starts_in_doc = []
+    for k in doc_order.tolist():
+        starts_in_doc.append(int(rng.integers(0, len(tokens[k]) - prefix_tokens + 1))
+                             if prefix_position == "random" else 0)
+    prefixes = [torch.tensor(tokens[k][s:s + prefix_tokens], dtype=torch.int64)
+                for k, s in zip(doc_order.tolist(), starts_in_doc)]
     prefix_digest = hashlib.sha256(torch.stack(prefixes).numpy().tobytes()).hexdigest()
 
     settings = {"n": n, "seqlen": seqlen, "seed": seed, "pool_size": pool_size, "sample_tokens": sample_tokens,
-                "prefix_tokens": prefix_tokens, "prefixes_sha256": prefix_digest, "sampling": asdict(sampling),
-                "batch_size": batch_size, "start_token": start, "eos": eos}
+                "prefix_tokens": prefix_tokens, "prefix_position": prefix_position, "prefixes_sha256": prefix_digest,
+                "sampling": asdict(sampling), "batch_size": batch_size, "start_token": start, "eos": eos}
     t0 = time.perf_counter()
     pool, path, identity = _cached_pool("sgs", model, settings, cache, cache_dir)
     cached = pool is not None
     if pool is None:
         prompts = [torch.cat([torch.tensor([start]), p]) for p in prefixes]
-        ids = _generate_fixed_length(model, prompts, [1] * pool_size, sample_tokens, sampling=sampling, eos=eos,
-                                     seed=seed, batch_size=batch_size, desc="sgs", progress=progress)
+        ids = _generate_fixed_length(model, prompts, sample_tokens, sampling=sampling, eos=eos, seed=seed,
+                                     batch_size=batch_size, desc="sgs", progress=progress)
         gen_s = time.perf_counter() - t0
         ppl = _per_sample_perplexity(model, ids, ppl_batch_size)
         pool = {"ids": ids, "perplexity": ppl, "doc_index": torch.as_tensor(doc_order, dtype=torch.int64),
+                "prefix_start": torch.as_tensor(starts_in_doc, dtype=torch.int64),
                 "meta": {"generation_s": gen_s, "perplexity_s": time.perf_counter() - t0 - gen_s}}
         if path is not None:
             save_pool(path, pool)
@@ -447,7 +479,8 @@ def sgs(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 2
         "kind": "sgs", "n": n, "seqlen": seqlen, "seed": seed, "model": identity,
         "tokenizer": _tokenizer_name(tokenizer), "start_token": start, "start_token_is_eos": start_is_eos,
         "source": source_name, "data_source": data_source, "data_dir": str(data_dir) if data_dir else None,
-        "generator": {"sampling": asdict(sampling), "prefix_tokens": prefix_tokens, "sample_tokens": sample_tokens,
+        "generator": {"sampling": asdict(sampling), "prefix_tokens": prefix_tokens,
+                      "prefix_position": prefix_position, "sample_tokens": sample_tokens,
                       "pool_factor": pool_factor, "drop_fraction": drop_fraction, "batch_size": batch_size,
                       "eos_suppressed_until_full": True},
         "pool_size": pool_size, "n_dropped": n_drop,
@@ -558,8 +591,7 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
          include_bos: bool = True, pool_factor: float = 2.0, t_init: float = 1.2, t_final: float = 0.8,
          schedule_tokens: int = 64, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
          max_sample_aggregation: float = 0.3, ngram: int = 4, strata: int = 3, swap_passes: int = 2,
-         batch_size: int = 8,
-         ppl_batch_size: int = 8, cache_dir: str | os.PathLike | None = None, cache: bool = True,
+         batch_size: int = 8, ppl_batch_size: int = 8, cache_dir: str | os.PathLike | None = None, cache: bool = True,
          progress: bool = True) -> CalibrationSet:
     """IGSP (our reconstruction): a balanced, low-repetition mix of the model's own generations.
 
@@ -622,7 +654,7 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
     pool_sizes = {g: (max(math.ceil(pool_factor * q), q) if q else 0) for g, q in quotas.items()}
     seed_ids = {d: [tokenizer([p], add_special_tokens=False)["input_ids"][0] for p in prompts_by_dim[d]]
                 for d in dimensions}
-    prompts, keep_from, pool_groups, pool_seeds = [], [], [], []
+    prompts, pool_groups, pool_seeds = [], [], []
     for g in groups:
         for j in range(pool_sizes[g]):
             if g == BOS_GROUP:
@@ -633,7 +665,6 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
                 if len(body) >= seqlen:
                     raise ValueError(f"seed prompt {text!r} has {len(body)} tokens, no room in seqlen={seqlen}")
             prompts.append(torch.tensor([start] + body, dtype=torch.int64))
-            keep_from.append(1)
             pool_groups.append(g)
             pool_seeds.append(text)
 
@@ -644,7 +675,7 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
     pool, path, identity = _cached_pool("igsp", model, settings, cache, cache_dir)
     cached = pool is not None
     if pool is None:
-        ids = _generate_fixed_length(model, prompts, keep_from, seqlen, sampling=sampling, eos=eos, seed=seed,
+        ids = _generate_fixed_length(model, prompts, seqlen, sampling=sampling, eos=eos, seed=seed,
                                      batch_size=batch_size, desc="igsp", progress=progress)
         gen_s = time.perf_counter() - t0
         ppl = _per_sample_perplexity(model, ids, ppl_batch_size)
@@ -714,6 +745,7 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
         "dropped_for_repetition": filtered, "strata_perplexity_bounds": strata_bounds,
         "stratum_quotas": {f"{g}:{s}": q for (g, s), q in slot_quotas.items()},
         "selected_pool_indices": [picked[k] for k in order],
+        "row_strata": ["{}:{}".format(*slots[picked[k]]) for k in order],
         "ngram_aggregation": agg, "ngram_aggregation_random_selection": agg_random,
         "pool_cached": cached, "pool_path": str(path) if path else None,
         "timings": {"generation_s": pool["meta"]["generation_s"], "perplexity_s": pool["meta"]["perplexity_s"],

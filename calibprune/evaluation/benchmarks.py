@@ -349,7 +349,8 @@ def _task_config(bench: Benchmark, data_files: dict[str, str], opts: dict[str, A
     cfg: dict[str, Any] = {
         "task": bench.task_name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": data_files},
+        # the arrow cache goes next to the temporary JSONL, not into ~/.cache/huggingface
+        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(Path(data_files["test"]).parent / "hf_cache")},
         "test_split": "test",
         "num_fewshot": 0,
         "metadata": {"version": 1.0, "source": "calibprune offline"},

@@ -30,6 +30,18 @@ Retention (the definitions we own; the paper does not publish them):
 - dimension retention = mean of its benchmarks' retentions (benchmarks with an undefined ratio, e.g. a dense
   score of 0, are left out with a warning);
 - total retention = mean of the four dimension retentions.
+
+Usage::
+
+    model, tok = calibprune.load_model("smollm2-135m")
+    dense = evaluate(model, tok, "lite", cache_dir="runs/eval-cache", cache_key="smollm2-135m-dense")
+    calibprune.prune_sparsegpt_fused(model, calib, sparsity=0.6)
+    pruned = evaluate(model, tok, "lite")
+    r = retention(pruned, dense)  # r["benchmarks"][name]["retention"], r["dimensions"], r["total"]
+
+Small ``limit`` values make the ratios noisy (a 50-item accuracy has a standard error of ~7 points), and
+near-chance accuracies (e.g. MMLU for a 135M model) make their ratios mostly noise; lm-eval reseeds Python,
+NumPy and torch RNGs at each call.
 """
 from __future__ import annotations
 
@@ -61,18 +73,19 @@ __all__ = ["SUITES", "evaluate", "retention", "resolve_plan", "model_fingerprint
 
 #: benchmark -> default options per suite (``limit`` = items evaluated; ``None`` = all)
 SUITES: dict[str, dict[str, dict[str, Any]]] = {
+    # sized for ~18k scored/forwarded tokens: about 2-3 minutes for SmolLM2-135M on 2 shared CPU cores
     "lite": {
-        "mmlu": {"limit": 60},
-        "lambada": {"limit": 50},
-        "wikitext2": {"seqlen": 512, "max_windows": 8},
-        "hellaswag": {"limit": 40},
-        "piqa": {"limit": 50},
-        "arc_easy": {"limit": 50},
-        "winogrande": {"limit": 50},
-        "humaneval_nll": {"limit": 32, "max_length": 1024},
-        "mbpp_nll": {"limit": 32, "max_length": 1024},
-        "gsm8k_nll": {"limit": 32, "max_length": 1024},
-        "math_nll": {"limit": 32, "max_length": 1024},
+        "mmlu": {"limit": 20},
+        "lambada": {"limit": 30},
+        "wikitext2": {"seqlen": 512, "max_windows": 4},
+        "hellaswag": {"limit": 12},
+        "piqa": {"limit": 24},
+        "arc_easy": {"limit": 16},
+        "winogrande": {"limit": 24},
+        "humaneval_nll": {"limit": 10, "max_length": 512},
+        "mbpp_nll": {"limit": 10, "max_length": 512},
+        "gsm8k_nll": {"limit": 10, "max_length": 512},
+        "math_nll": {"limit": 10, "max_length": 512},
     },
     "paper": {
         "mmlu": {"limit": None, "num_fewshot": 5},
@@ -173,7 +186,7 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> ValueError:
 
 
 def _allowed_options(bench: Benchmark) -> set[str]:
-    allowed = {"limit"} | set(bench.options)
+    allowed = ({"limit"} if bench.kind != "perplexity" else set()) | set(bench.options)
     if bench.kind == "proxy":
         allowed |= set(_PROXY_DEFAULTS)
     return allowed
@@ -308,6 +321,15 @@ def _data_revision(names: Iterable[str], data_dir: Path | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _lm_eval_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("lm_eval")
+    except Exception:  # noqa: BLE001 - not installed or no metadata
+        return None
+
+
 def _cache_path(cache_dir: str | os.PathLike[str], cache_key: str, config: Mapping[str, Any]) -> Path:
     blob = json.dumps({"key": cache_key, "config": config, "format": _CACHE_FORMAT}, sort_keys=True, default=str)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)[:80]
@@ -331,42 +353,51 @@ def _result_value(task_result: Mapping[str, Any], metric: str) -> float:
 
 def _run_lm_eval(model: nn.Module, tokenizer, names: list[str], plan: Mapping[str, Any], *, offline: bool,
                  batch_size: int | str, max_length: int | None, device: str, allow_code_execution: bool
-                 ) -> dict[str, tuple[float, int | None]]:
-    """``{name: (value, n)}`` for the lm-eval benchmarks ``names`` (one ``simple_evaluate`` per distinct limit)."""
+                 ) -> dict[str, tuple[float, int | None, float]]:
+    """``{name: (value, n, seconds)}`` for the lm-eval benchmarks ``names``.
+
+    Offline, one ``simple_evaluate`` per benchmark (documents already limited; the time is per benchmark); with
+    the hub, one per distinct limit (the time is that call's).
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
-    out: dict[str, tuple[float, int | None]] = {}
+    out: dict[str, tuple[float, int | None, float]] = {}
     prev_env = os.environ.get("CALIBPRUNE_ALLOW_CODE_EXECUTION")
     if allow_code_execution:
         os.environ["CALIBPRUNE_ALLOW_CODE_EXECUTION"] = "1"
     try:
         with tempfile.TemporaryDirectory(prefix="calibprune-tasks-") as tmp:
-            groups: dict[int | None, list[str]] = {}
+            # (limit, num_fewshot) -> benchmarks evaluated in one simple_evaluate call
+            groups: list[tuple[tuple[int | None, int | None], list[str]]] = []
             if offline:
                 for name in names:
                     render_lm_eval_task(name, plan["docs"][name], tmp, data_dir=plan["data_dir"],
                                         options=plan["options"][name])
+                    groups.append(((None, None), [name]))  # documents limited and shots set in the config
                 manager = TaskManager(include_path=tmp, include_defaults=False)
-                groups[None] = names  # documents are already limited
             else:
                 manager = TaskManager()
+                by_key: dict[tuple[int | None, int | None], list[str]] = {}
                 for name in names:
-                    groups.setdefault(plan["options"][name]["limit"], []).append(name)
-            for lim, group in groups.items():
+                    opts = plan["options"][name]
+                    by_key.setdefault((opts["limit"], opts.get("num_fewshot")), []).append(name)
+                groups = list(by_key.items())
+            for (lim, shots), group in groups:
                 tasks = [BENCHMARKS[n].task_name if offline else BENCHMARKS[n].hub_task for n in group]
-                log.info("lm-eval: %s (limit %s)", ", ".join(tasks), lim)
+                log.info("lm-eval: %s (limit %s, shots %s)", ", ".join(tasks), lim, shots)
+                t0 = time.perf_counter()
                 res = lm_eval.simple_evaluate(
-                    model=lm, tasks=tasks, task_manager=manager, limit=lim,
+                    model=lm, tasks=tasks, task_manager=manager, limit=lim, num_fewshot=shots,
                     log_samples=False, bootstrap_iters=0, confirm_run_unsafe_code=allow_code_execution)
                 for name, task in zip(group, tasks):
                     bench = BENCHMARKS[name]
                     metric = bench.metric if offline else (bench.hub_metric or bench.metric)
                     n_samples = res.get("n-samples", {}).get(task, {})
                     n = n_samples.get("effective") if isinstance(n_samples, Mapping) else None
-                    out[name] = (_result_value(res["results"][task], metric), n)
+                    out[name] = (_result_value(res["results"][task], metric), n, time.perf_counter() - t0)
     finally:
         if allow_code_execution:
             if prev_env is None:
@@ -418,7 +449,9 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
         if cache_key is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
             cache_key = f"{Path(str(name)).name}-{model_fingerprint(model)}"
-        cache_path = _cache_path(cache_dir, cache_key, {k: v for k, v in config.items() if k != "data_dir"})
+        key_config = {k: v for k, v in config.items() if k != "data_dir"}
+        key_config["lm_eval"] = _lm_eval_version()
+        cache_path = _cache_path(cache_dir, cache_key, key_config)
         if cache_path.is_file():
             log.info("evaluation cache hit: %s", cache_path)
             cached = json.loads(cache_path.read_text(encoding="utf-8"))
@@ -458,13 +491,11 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
                          math.exp(r.mean_nll), r.n_items, r.n_tokens)
         lm_names = [n for n in names if BENCHMARKS[n].kind == "lm_eval"]
         if lm_names:
-            t0 = time.perf_counter()
             lm_results = _run_lm_eval(model, tokenizer, lm_names, plan, offline=offline, batch_size=batch_size,
                                       max_length=max_length, device=str(device),
                                       allow_code_execution=allow_code_execution)
-            elapsed = time.perf_counter() - t0
-            for name, (value, n) in lm_results.items():
-                results[name] = {"value": value, "n": n, "time_s_lm_eval_total": elapsed}
+            for name, (value, n, seconds) in lm_results.items():
+                results[name] = {"value": value, "n": n, "time_s": seconds}
                 log.info("%s: %s %.4f (n=%s)", name, BENCHMARKS[name].metric, value, n)
     finally:
         model.train(was_training)
@@ -477,12 +508,7 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
     dims_out = {dim: {"benchmarks": [n for n in names if BENCHMARKS[n].dimension == dim]}
                 for dim in DIMENSIONS if any(BENCHMARKS[n].dimension == dim for n in names)}
     prov = provenance()
-    try:
-        import lm_eval
-
-        prov["versions"]["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
-    except ImportError:
-        pass
+    prov["versions"]["lm_eval"] = _lm_eval_version()
     prov["model"] = getattr(getattr(model, "config", None), "_name_or_path", None)
     prov["wall_s"] = time.perf_counter() - t_start
     prov["cache"] = {"hit": False, "path": str(cache_path) if cache_path else None, "key": cache_key}

@@ -87,9 +87,9 @@ def solution_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], 
             scored[row, len(ids) - n_sol : len(ids)] = True
         input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
         logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits  # [B, T, V]
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..T-1
-        token_lp = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
-        mask = scored[:, 1:]
-        nll_sum -= float(token_lp[mask].sum())
+        mask = scored[:, 1:]  # logits at t predict token t+1
+        picked = logits[:, :-1][mask].float()  # [N, V], only the scored positions (saves memory)
+        targets = input_ids[:, 1:][mask]  # [N]
+        nll_sum += float(nn.functional.cross_entropy(picked, targets, reduction="sum"))
         n_tokens += int(mask.sum())
     return SolutionNLL(nll_sum=nll_sum, n_tokens=n_tokens, n_items=len(encoded))

@@ -16,6 +16,7 @@ from calibprune import (
     prune_wanda,
     save_pruned,
 )
+from calibprune.ops import BACKENDS
 from calibprune.pruning import capture_layer_inputs, find_decoder_layers, select_targets
 
 
@@ -139,6 +140,8 @@ def test_save_and_reload(tmp_path):
     sidecar = json.loads((out / "calibprune.json").read_text())
     assert sidecar["report"]["achieved_sparsity"] == pytest.approx(report.sparsity)
     assert "versions" in sidecar["provenance"] and sidecar["note"] == "test"
+    resolved = sidecar["report"]["config"]["resolved_backends"]
+    assert resolved["hessian_update"] in BACKENDS and resolved["obs_prune"] in BACKENDS
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for (n1, p1), (_, p2) in zip(model.named_parameters(), reloaded.named_parameters()):
         assert torch.equal(p1, p2), n1

@@ -301,6 +301,8 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor, config: PruneConfig, me
     phases |= {f"{k} (in {'statistics' if k == 'hessian' else 'prune'})": v
                for k, v in getattr(method, "phase_seconds", {}).items()}
     report.phase_seconds = phases
+    if getattr(method, "resolved_backends", None):
+        report.config["resolved_backends"] = method.resolved_backends
     return report
 
 

@@ -15,6 +15,9 @@ from torch import nn
 
 from ..calibration import CalibrationSet, as_token_ids
 from ..ops import hessian_update, hessian_update_reference, obs_prune, obs_prune_reference
+from ..ops._backend import resolve_backend
+from ..ops.hessian import SUPPORTED as HESSIAN_BACKENDS
+from ..ops.obs import SUPPORTED as OBS_BACKENDS
 from .config import PruneConfig
 from .pipeline import LayerMethod, hessian_errors, prune_layerwise
 from .report import PruneReport
@@ -40,6 +43,11 @@ class SparseGPTMethod(LayerMethod):
     def start_layer(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
         self.device = device
         self.H, self.nsamples = {}, {}
+        if not self.reference:  # which backends "auto" (or the explicit choice) really runs, for the report
+            self.resolved_backends = {
+                "hessian_update": resolve_backend(self.backend, device, HESSIAN_BACKENDS, op="hessian_update"),
+                "obs_prune": resolve_backend(self.backend, device, OBS_BACKENDS, op="obs_prune"),
+            }
 
     def add_batch(self, leader: str, x: torch.Tensor) -> None:
         if leader not in self.H:

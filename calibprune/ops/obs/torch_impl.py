@@ -109,5 +109,7 @@ def obs_prune_torch(
         mask[:, i1:i2] = prune_block(W[:, i1:i2], U[i1:i2, i1:i2], sparsity, prune_n, prune_m, Err1)
         losses += Err1.square().sum(1) / 2
         if i2 < cols:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            # Product, then subtraction, as the reference does: addmm_ would fuse them into one rounding when
+            # the block is a single column.
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return mask, losses

@@ -26,9 +26,10 @@ def _check(H: torch.Tensor, X: torch.Tensor, nsamples: int) -> None:
 
 
 def hessian_update(H: torch.Tensor, X: torch.Tensor, nsamples: int, *, backend: str = "auto") -> int:
-    """Fold the batch ``X`` into the running-average Hessian ``H`` in one fused update.
+    """Fold the batch ``X`` into the running-average Hessian ``H``.
 
-    Same function as :func:`hessian_update_reference` (H ← H·n/(n+b) + (2/(n+b))·XᵀX), up to float rounding.
+    Same function as :func:`hessian_update_reference` (H ← H·n/(n+b) + (2/(n+b))·XᵀX): bitwise equal on the torch
+    backend (the reference's own op sequence), up to float rounding on the one-launch SYRK kernels (triton, cuda).
 
     Args:
         H: ``[d, d]`` fp32, updated in place.

@@ -1,8 +1,9 @@
 """Backend selection for op tests: run every backend this machine has, skip the others with a reason.
 
-Triton on CPU needs its interpreter: ``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel module is *imported*
-(it decides then between a compiled and an interpreted function), so the fixture sets the variable and drops the
-kernel modules from ``sys.modules`` before the test and again after it, so nothing else sees interpreted kernels.
+Triton on CPU needs its interpreter. Triton's own language functions are fixed when ``triton`` is first imported,
+which is why ``tests/conftest.py`` turns ``TRITON_INTERPRET`` on for the whole session on a machine without a GPU;
+our kernels are fixed when their module is imported, so the fixture also sets the variable and drops the kernel
+modules from ``sys.modules`` before and after each Triton test.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Command line: ``calibprune prune | calib | eval`` (also ``python -m calibprune``).
+"""Command line: ``calibprune prune | calib | eval | study`` (also ``python -m calibprune``).
 
 The ``prune`` options are generated from :class:`calibprune.PruneConfig`, so the CLI and the API cannot drift.
 """
@@ -174,6 +174,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dotted_options(items: list[str], flag: str) -> dict[str, dict]:
+    """``["igsp.pool_factor=3", "sgs.source=c4"]`` -> ``{"igsp": {"pool_factor": 3}, "sgs": {"source": "c4"}}``.
+
+    Values are read as JSON when they parse (numbers, true/false, lists), else kept as strings.
+    """
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items:
+        m = re.fullmatch(r"([a-z0-9_-]+)\.([a-z_]+)=(.*)", item)
+        if not m:
+            raise ValueError(f"{flag} takes NAME.KEY=VALUE (e.g. igsp.pool_factor=3), got {item!r}")
+        gen, key, raw = m.groups()
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(gen, {})[key] = value
+    return out
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import plan_study, run_study, write_report
+
+    settings = dict(sources=args.sources, constructed=args.constructed, sparsities=args.sparsity, n=args.n,
+                    seqlen=args.seqlen, seed=args.seed, suite=args.suite, limit=args.limit,
+                    benchmarks=args.benchmarks, data_dir=args.data_dir, data_source=args.data_source,
+                    gen_batch_size=args.gen_batch_size,
+                    generator_options=_dotted_options(args.gen_option, "--gen-option"),
+                    eval_overrides=_dotted_options(args.eval_option, "--eval-option"))
+    if args.report_only:
+        import json
+
+        spec = plan_study(args.model, out_dir=args.out, **settings)
+        path = Path(spec["out_dir"]) / "study.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--report-only: no study results at {path}")
+        report = write_report(json.loads(path.read_text()), path.parent, plots=not args.no_plots)
+        print(f"wrote {report}")
+        return 0
+    study = run_study(args.model, out_dir=args.out, plots=not args.no_plots, **settings)
+    out = Path(study["config"]["out_dir"])
+    key = next(iter(study["spearman"]))
+    rho = study["spearman"][key]["sources"]["perplexity"]
+    print(f"study of {len(study['entries'])} entries written to {out / 'study.json'} and {out / 'report.md'}")
+    print(f"Spearman rho(calibration perplexity, retention) at sparsity {key}, single sources: "
+          + ", ".join(f"{d} {'n/a' if c['rho'] is None else format(c['rho'], '+.2f')}" for d, c in rho.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -209,6 +259,32 @@ def build_parser() -> argparse.ArgumentParser:
     eval_options(p)
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("study", help="calibration study: every source + mix / Self-Cal / SGS / IGSP -> OIT metrics, "
+                       "prune, per-capability retention, Spearman; resumable")
+    p.add_argument("--model", required=True, help="HF id, local checkpoint dir, .gguf file, or smollm2-135m")
+    p.add_argument("--sources", default="all", help="'all' (every source available offline) or a comma list")
+    p.add_argument("--constructed", default=",".join(("mix", "self-cal", "sgs", "igsp")),
+                   help="constructed sets to add: comma list of mix, self-cal, sgs, igsp, or 'none' (default: all)")
+    p.add_argument("--sparsity", default="0.6", help="comma list of sparsities (default: 0.6)")
+    p.add_argument("--n", type=int, default=64, help="calibration samples per entry (default: 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample (default: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", default="lite", choices=("lite", "paper"), help="evaluation suite (default: lite)")
+    p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the suite's)")
+    p.add_argument("--benchmarks", default=None, help="comma list of benchmarks (default: the suite's)")
+    p.add_argument("--eval-option", action="append", default=[], metavar="BENCH.KEY=VALUE",
+                   help="benchmark option, repeatable, e.g. mmlu.limit=100 or wikitext2.max_windows=8")
+    p.add_argument("--data-dir", default=None, help="offline data folder (default: $CALIBPRUNE_DATA_DIR, ...)")
+    p.add_argument("--data-source", default="offline", choices=("auto", "offline", "hub"),
+                   help="where sources are read (default: offline)")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="generation batch for Self-Cal/SGS/IGSP")
+    p.add_argument("--gen-option", action="append", default=[], metavar="GEN.KEY=VALUE",
+                   help="generator keyword, repeatable, e.g. igsp.pool_factor=3 or sgs.source=c4")
+    p.add_argument("--out", default=None, help="output folder (default: results/<model name>)")
+    p.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from an existing study.json")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

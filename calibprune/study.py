@@ -515,6 +515,7 @@ def _plot(study: Mapping[str, Any], out: Path, key: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     entries = [e for e, v in study["entries"].items() if key in v["runs"]]
     names: list[str] = []
@@ -553,6 +554,9 @@ def _plot(study: Mapping[str, Any], out: Path, key: str) -> list[str]:
         cell = sp.get(dim, {})
         rho = "n/a" if cell.get("rho") is None else f"{cell['rho']:+.2f} (p={cell['p']:.2g})"
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("calibration perplexity (dense model)")
         ax.set_ylabel(f"{dim} retention")
         ax.set_title(f"{dim}: Spearman ρ {rho}", fontsize=10)

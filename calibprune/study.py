@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._io import atomic_write_text
 from .calibration import CalibrationSet, build_calibration, igsp, self_cal, sgs
 from .calibration.sources import check_available, list_sources, resolve_data_dir
 from .evaluation.benchmarks import DIMENSIONS
@@ -184,18 +184,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
@@ -648,12 +637,7 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
         lines += [notes.read_text().rstrip(), ""]
     if not study.get("complete"):
         lines += ["_The study is not finished: these tables hold the runs completed so far._", ""]
-    path = out / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.md.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines))
 
 
 def _retention_se(study: Mapping[str, Any], key: str) -> dict[str, float]:

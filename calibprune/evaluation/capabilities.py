@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_write_text
 from ..calibration.sources import DATA_DIR_ENV, resolve_data_dir
 from .benchmarks import BENCHMARKS, DIMENSIONS, Benchmark, load_docs, render_lm_eval_task
 from .perplexity import load_wikitext2_test, perplexity
@@ -515,9 +516,6 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
     out = {"benchmarks": benchmarks_out, "dimensions": dims_out, "suite": suite, "config": config,
            "provenance": prov}
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = cache_path.with_suffix(".json.tmp")
-        tmp_path.write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
-        tmp_path.replace(cache_path)
+        atomic_write_text(cache_path, json.dumps(out, indent=1, default=str))
         log.info("evaluation cached at %s", cache_path)
     return copy.deepcopy(out)

@@ -207,7 +207,8 @@ def test_study_killed_then_resumed(tmp_path):
         log1.close()
     done = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs.glob("*.json")}
     assert len(done) >= 3
-    assert not list(out.rglob("*.tmp")) or all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+    for path in out.rglob("*.json"):  # a kill mid-write may leave a hidden .tmp, never a truncated result
+        json.loads(path.read_text())
     partial = json.loads((out / "study.json").read_text())
     assert partial["complete"] is False
 

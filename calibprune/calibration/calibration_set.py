@@ -1,10 +1,14 @@
 """``CalibrationSet`` and ``build_calibration``: seeded, deterministic windows of exactly ``seqlen`` tokens."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
+import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,11 +17,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sources import SOURCES, check_available, load_texts
+from .._io import atomic_write
+from .sources import SOURCES, check_available, file_sha256, load_texts, offline_files, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibrationSet", "as_token_ids", "build_calibration", "allocate_counts"]
+__all__ = ["CalibrationSet", "CalibrationFileError", "as_token_ids", "build_calibration", "allocate_counts",
+           "calibration_paths", "check_vocab", "ids_sha256"]
+
+
+class CalibrationFileError(ValueError):
+    """A saved calibration set that cannot be used; the message names the file and what is wrong."""
+
+
+def calibration_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(ids .pt, provenance .json)`` of a saved set: ``foo`` and ``foo.pt`` both mean ``foo.pt`` + ``foo.json``;
+    any other suffix is kept (``set.v2`` -> ``set.v2.pt``)."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path.with_name(path.name + ".pt")
+    return path, path.with_suffix(".json")
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """Hex sha256 of ``[n, seqlen]`` token ids as little-endian int64 in row-major order (shape included)."""
+    arr = np.ascontiguousarray(ids.detach().to("cpu", torch.int64).numpy()).astype("<i8", copy=False)
+    digest = hashlib.sha256(f"{tuple(arr.shape)}".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def check_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Every id must be in ``[0, vocab_size)``; raises :class:`CalibrationFileError` naming ``where`` otherwise."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = int(((ids < 0) | (ids >= vocab_size)).sum())
+        raise CalibrationFileError(f"{where}: {bad} token ids lie outside the tokenizer's vocabulary [0, "
+                                   f"{vocab_size}) (ids span [{low}, {high}]); was it built with another tokenizer?")
 
 
 @dataclass
@@ -50,26 +86,69 @@ class CalibrationSet:
         return self.n
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ids (``.pt``) and provenance (``.json`` beside it); returns the ``.pt`` path."""
-        path = Path(path)
-        if path.suffix != ".pt":
-            path = path.with_suffix(".pt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"ids": self.ids.cpu(), "row_sources": self.row_sources}, path)
-        path.with_suffix(".json").write_text(json.dumps(self.provenance, indent=2, sort_keys=True))
-        return path
+        """Write ids (``.pt``) and provenance (``.json`` beside it) atomically; returns the ``.pt`` path.
+
+        The ``.json`` is written first, so a ``.pt`` on disk always has its provenance beside it, and two
+        processes saving the same set at once both succeed (see :func:`calibration_paths` for the names).
+        """
+        pt, meta = calibration_paths(path)
+        text = json.dumps(self.provenance, indent=2, sort_keys=True, default=str)
+        blob = {"ids": self.ids.detach().cpu().contiguous(), "row_sources": list(self.row_sources),
+                "ids_sha256": ids_sha256(self.ids)}
+        atomic_write(meta, lambda fh: fh.write(text.encode("utf-8")))
+        atomic_write(pt, lambda fh: torch.save(blob, fh))
+        return pt
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> CalibrationSet:
-        path = Path(path)
-        if path.suffix != ".pt":
-            path = path.with_suffix(".pt")
-        if not path.exists():
-            raise FileNotFoundError(f"no calibration set at {path}")
-        blob = torch.load(path, weights_only=True)
-        meta = path.with_suffix(".json")
-        provenance = json.loads(meta.read_text()) if meta.exists() else {}
-        return cls(ids=blob["ids"], provenance=provenance, row_sources=list(blob.get("row_sources", [])))
+    def load(cls, path: str | os.PathLike, *, vocab_size: int | None = None) -> CalibrationSet:
+        """Read a set written by :meth:`save`, checking it thoroughly: a readable file holding ``[n, seqlen]``
+        integer ids (n >= 1, seqlen >= 2), no negative ids, ids below ``vocab_size`` when given, the checksum
+        written with it, and a parseable ``.json``. Any problem raises :class:`CalibrationFileError` naming the file.
+        """
+        pt, meta = calibration_paths(path)
+        if not pt.is_file():
+            raise FileNotFoundError(f"no calibration set at {pt}")
+        try:
+            blob = torch.load(pt, weights_only=True, map_location="cpu")
+        except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+                AttributeError, IndexError, KeyError, TypeError, io.UnsupportedOperation) as exc:
+            detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationFileError(f"{pt} is not a readable calibration set (truncated, or not written by "
+                                       f"CalibrationSet.save / calibprune calib): {detail[:160]}") from None
+        if isinstance(blob, torch.Tensor):
+            raise CalibrationFileError(f"{pt} holds a plain tensor {tuple(blob.shape)}, not a calibration set; "
+                                       "wrap it: CalibrationSet(ids=tensor.long()).save(path)")
+        if not isinstance(blob, dict) or not isinstance(blob.get("ids"), torch.Tensor):
+            raise CalibrationFileError(f"{pt} is not a calibration set: expected a dict with an 'ids' tensor, got "
+                                       f"{type(blob).__name__}")
+        ids = blob["ids"]
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise CalibrationFileError(f"{pt}: ids must be integer token ids [n, seqlen], got {tuple(ids.shape)} "
+                                       f"{ids.dtype}")
+        if ids.shape[0] < 1 or ids.shape[1] < 2:
+            raise CalibrationFileError(f"{pt}: the set is empty or too short: shape {tuple(ids.shape)} (need n >= 1, "
+                                       "seqlen >= 2)")
+        ids = ids.to(torch.int64)
+        if int(ids.min()) < 0:
+            raise CalibrationFileError(f"{pt}: {int((ids < 0).sum())} token ids are negative (min {int(ids.min())})")
+        if vocab_size is not None:
+            check_vocab(ids, vocab_size, str(pt))
+        expected = blob.get("ids_sha256")
+        if expected is not None and expected != ids_sha256(ids):
+            raise CalibrationFileError(f"{pt}: the ids do not match the checksum saved with them; the file is damaged")
+        rows = blob.get("row_sources", [])
+        if not isinstance(rows, (list, tuple)) or (rows and len(rows) != ids.shape[0]) \
+                or not all(isinstance(r, str) for r in rows):
+            raise CalibrationFileError(f"{pt}: row_sources must be a list of {ids.shape[0]} source names")
+        provenance = {}
+        if meta.exists():
+            try:
+                provenance = json.loads(meta.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CalibrationFileError(f"{meta} (the provenance of {pt.name}) is not valid JSON: {exc}") from None
+            if not isinstance(provenance, dict):
+                raise CalibrationFileError(f"{meta}: expected a JSON object, got {type(provenance).__name__}")
+        return cls(ids=ids, provenance=provenance, row_sources=list(rows))
 
 
 def as_token_ids(calib: CalibrationSet | torch.Tensor) -> torch.Tensor:
@@ -175,6 +254,17 @@ def _random_windows(docs: list[np.ndarray], count: int, seqlen: int, rng: np.ran
     return out
 
 
+def _data_file_hashes(names: list[str], data_dir: str | os.PathLike | None) -> dict[str, str]:
+    """``{path relative to the data dir: sha256}`` of the offline files the sources were read from."""
+    root = resolve_data_dir(data_dir)
+    out = {}
+    for name in names:
+        for path in offline_files(name, data_dir):
+            key = str(path.relative_to(root)) if root is not None else str(path)
+            out[key] = file_sha256(path)
+    return out
+
+
 def build_calibration(
     tokenizer,
     sources: str | Sequence[str] | Mapping[str, float],
@@ -208,8 +298,8 @@ def build_calibration(
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2, got {seqlen}")
     mix = _normalise_sources(sources, weights)
-    for name in mix:  # every source must be loadable before any is read
-        check_available(name, data_dir=data_dir, source=data_source)
+    # every source must be loadable before any is read
+    modes = {name: check_available(name, data_dir=data_dir, source=data_source) for name in mix}
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id, needed to pack documents")
@@ -249,7 +339,10 @@ def build_calibration(
         "seed": seed,
         "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
         "data_source": data_source,
-        "data_dir": str(data_dir) if data_dir else None,
+        "data_modes": modes,
+        "data_dir": str(resolved.resolve()) if (resolved := resolve_data_dir(data_dir)) is not None else None,
+        "data_files": _data_file_hashes([name for name, mode in modes.items() if mode == "offline"], data_dir),
+        "ids_sha256": ids_sha256(torch.from_numpy(ids[order])),
     }
     return CalibrationSet(ids=torch.from_numpy(ids[order]).contiguous(), provenance=provenance,
                           row_sources=[labels[k] for k in order])

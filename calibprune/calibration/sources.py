@@ -25,8 +25,10 @@ dropped (first occurrence kept).
 """
 from __future__ import annotations
 
+import contextvars
 import csv
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -39,8 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._hub import hub_unavailable_reason
+
 __all__ = [
     "check_available",
+    "DataFileError",
+    "DataUnavailableError",
     "DATA_DIR_ENV",
     "DIMENSIONS",
     "SHAKESPEARE_CHUNK_CHARS",
@@ -48,6 +54,7 @@ __all__ = [
     "Source",
     "list_sources",
     "load_texts",
+    "offline_files",
     "resolve_data_dir",
 ]
 
@@ -103,10 +110,42 @@ class Source:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class DataFileError(ValueError):
+    """An offline data file that cannot be read as its source's format; the message names the file and line."""
+
+
+class DataUnavailableError(FileNotFoundError):
+    """A source has no usable offline copy and the Hugging Face hub cannot be used (or failed)."""
+
+
+# Where the offline reader is (file and line / item), so that a bad record's error can name it.
+_READING: contextvars.ContextVar[str | None] = contextvars.ContextVar("calibprune_reading", default=None)
+
+
+class _Record(dict):
+    """A data record that names its file and line when a required field is missing."""
+
+    where = ""
+
+    def __missing__(self, key: str) -> Any:
+        fields = ", ".join(map(str, self)) or "none"
+        raise DataFileError(f"{self.where}: record has no field {key!r} (it has: {fields})")
+
+
+def _record(obj: Any, where: str) -> _Record:
+    if not isinstance(obj, dict):
+        raise DataFileError(f"{where}: expected a JSON object (a record), got {type(obj).__name__}")
+    rec = _Record(obj)
+    rec.where = where
+    return rec
+
+
 def _clean(text: str | None) -> str:
     """CRLF -> LF (and stray CR -> LF), strip surrounding whitespace."""
     if not text:
         return ""
+    if not isinstance(text, str):
+        raise DataFileError(f"{_READING.get() or 'a record'}: expected text, got {type(text).__name__} {text!r:.60}")
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
@@ -192,16 +231,36 @@ def _pubmed_abstract_hub(record: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file; a line that is not a JSON object raises :class:`DataFileError` naming it."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}, line {lineno}"
+            _READING.set(where)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(f"{where}: not valid JSON ({_json_problem(exc)})") from None
+            yield _record(obj, where)
 
 
 def _read_json_array(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    """Records of a file holding one JSON array of objects."""
+    _READING.set(str(path))
+    try:
+        with path.open(encoding="utf-8") as f:
+            blob = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)})") from None
+    if not isinstance(blob, list):
+        raise DataFileError(f"{path}: expected a JSON array of records, got {type(blob).__name__}")
+    return [_record(obj, f"{path}, item {i}") for i, obj in enumerate(blob)]
 
 
 def _offline_c4(paths: list[Path]) -> Iterator[str]:
@@ -237,7 +296,11 @@ def _offline_gsm8k(paths: list[Path]) -> Iterator[str | None]:
 
 def _mbpp_doc(rec: Mapping[str, Any]) -> str | None:
     """A train task (ids 601-974) as comment + code; ``None`` for any other id, which must never be calibrated on."""
-    task_id = int(rec["task_id"])
+    try:
+        task_id = int(rec["task_id"])
+    except (TypeError, ValueError):
+        where = getattr(rec, "where", "a record")
+        raise DataFileError(f"{where}: task_id {rec['task_id']!r} is not an integer") from None
     if task_id not in MBPP_TRAIN_IDS or task_id in _MBPP_TRAIN_IDS_COPYING_TEST:
         return None
     return _commented_code(rec["text"], rec["code"])
@@ -249,9 +312,9 @@ def _offline_mbpp(paths: list[Path]) -> Iterator[str | None]:
     Train tasks whose document is identical to a non-train task of the same file are dropped as well.
     """
     records = list(_read_jsonl(paths[0]))
-    others = {_commented_code(r["text"], r["code"]) for r in records if int(r["task_id"]) not in MBPP_TRAIN_IDS}
-    for rec in records:
-        doc = _mbpp_doc(rec)
+    docs = [(rec, _mbpp_doc(rec)) for rec in records]  # validates every task id
+    others = {_commented_code(r["text"], r["code"]) for r, d in docs if int(r["task_id"]) not in MBPP_TRAIN_IDS}
+    for rec, doc in docs:
         if doc is not None and doc in others:
             logger.info("mbpp: dropping train task %s, an exact copy of a non-train task", rec["task_id"])
             continue
@@ -300,8 +363,11 @@ def _offline_legal(paths: list[Path]) -> Iterator[str]:
     """LegalBench SSLA TSV: the complaint excerpt in the ``text`` column (not the ``answer``)."""
     csv.field_size_limit(sys.maxsize)
     with paths[0].open(encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            yield row["text"]
+        reader = csv.DictReader(f, delimiter="\t")
+        for row in reader:
+            where = f"{paths[0]}, line {reader.line_num}"
+            _READING.set(where)
+            yield _record(row, where)["text"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,16 +573,42 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]
-    for candidate in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                      repo_root.parent / "shared" / "data"):
+    for candidate in _default_candidates():
         if candidate.is_dir():
             return candidate.resolve()
     return None
 
 
+def _default_candidates() -> list[Path]:
+    repo_root = Path(__file__).resolve().parents[2]
+    return [Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", repo_root.parent / "shared" / "data"]
+
+
+def _data_dir_origin(data_dir: str | os.PathLike[str] | None) -> str:
+    """Where the data directory setting came from, for messages."""
+    if data_dir is not None:
+        return "data_dir / --data-dir"
+    if os.environ.get(DATA_DIR_ENV):
+        return f"${DATA_DIR_ENV}"
+    return "the default locations"
+
+
+def offline_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The offline files of source ``name`` under the (resolved) data directory; ``[]`` for hub-only sources."""
+    return _offline_files(_check_name(name).name, resolve_data_dir(data_dir))
+
+
 def _offline_files(name: str, data_dir: Path | None) -> list[Path]:
     return [data_dir / rel for rel in _LOADERS[name].files] if data_dir is not None else []
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _offline_available(name: str, data_dir: Path | None) -> bool:
@@ -545,8 +637,10 @@ def _missing_offline_message(src: Source, data_dir: Path | None) -> str:
         return (f"Source {src.name!r} has no offline copy (hub only: {src.hub_id}); use source='hub' or 'auto' "
                 "with `datasets` installed and the Hugging Face hub reachable.")
     if data_dir is None:
-        where = (f"no data directory was found (looked for ./shared/data, ../shared/data and the checkout's "
-                 f"../shared/data; {DATA_DIR_ENV} is not set)")
+        where = ("no data directory was found (looked for " + ", ".join(map(str, _default_candidates()))
+                 + f"; {DATA_DIR_ENV} is not set)")
+    elif not data_dir.is_dir():
+        where = f"the data directory {data_dir} does not exist"
     else:
         missing = [str(p) for p in _offline_files(src.name, data_dir) if not p.is_file()]
         where = "missing file(s): " + ", ".join(missing)
@@ -600,17 +694,63 @@ def _load_hub(src: Source, loader: _Loader, max_docs: int | None, datasets_mod: 
     return _finish((loader.hub_record(r) for r in records), max_docs)
 
 
+def _read_offline(loader: _Loader, files: list[Path]) -> list[str]:
+    """All documents of the offline files, any format problem raised as :class:`DataFileError` naming the file
+    and line (the whole file is read, so a bad record anywhere is found, whatever ``max_docs`` is)."""
+    assert loader.offline is not None
+    token = _READING.set(None)
+    try:
+        return _finish(loader.offline(files), None)
+    except UnicodeDecodeError as exc:
+        where = _READING.get() or ", ".join(map(str, files))
+        raise DataFileError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataFileError(f"{_READING.get() or files[0]}: not valid TSV ({exc})") from None
+    finally:
+        _READING.reset(token)
+
+
+def _check_data_dir(src: Source, data_dir: str | os.PathLike[str] | None, source: str) -> Path | None:
+    """The resolved data directory; an explicitly given one (argument or environment) must exist when the
+    source could be read offline, so that a typo is reported instead of silently falling through to the hub."""
+    resolved = resolve_data_dir(data_dir)
+    explicit = data_dir is not None or bool(os.environ.get(DATA_DIR_ENV))
+    if (explicit and source != "hub" and _LOADERS[src.name].offline is not None and resolved is not None
+            and not resolved.is_dir()):
+        raise DataUnavailableError(f"the data directory {resolved} (from {_data_dir_origin(data_dir)}) does not "
+                                   f"exist{' or is not a folder' if resolved.exists() else ''}; point it at the "
+                                   "folder that holds the offline copies")
+    return resolved
+
+
+def _hub_refusal(src: Source, resolved: Path | None, source: str) -> str | None:
+    """Why the hub cannot serve ``src`` now (None when it can, or when offline mode is set: then the local
+    `datasets` cache may serve it and any failure is reported by :func:`load_texts`)."""
+    offline_flags = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+                     if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if offline_flags:
+        return None
+    reason = hub_unavailable_reason(datasets=True)
+    if reason is None:
+        return None
+    msg = f"source {src.name!r} needs the Hugging Face hub ({src.hub_id}), but {reason}"
+    if source == "auto":
+        msg += " and it has no offline copy [" + _missing_offline_message(src, resolved) + "]"
+    return msg
+
+
 def check_available(name: str, *, data_dir: str | os.PathLike[str] | None = None, source: str = "auto") -> str:
     """Say, without reading any data, whether ``name`` can be loaded: returns ``"offline"`` or ``"hub"``.
 
-    Raises the same errors :func:`load_texts` would (unknown name, missing offline file, no ``datasets`` for
-    the hub), so a command can fail before any work starts.
+    Raises the same errors :func:`load_texts` would (unknown name, missing offline file, a given data directory
+    that does not exist, no ``datasets`` for the hub) and :class:`DataUnavailableError` when the hub is needed
+    but does not answer (a few seconds' TCP probe, once per process), so a command can fail before any work.
     """
     src = _check_name(name)
     if source not in ("auto", "offline", "hub"):
         raise ValueError(f"source must be 'auto', 'offline' or 'hub', got {source!r}")
     loader = _LOADERS[src.name]
-    resolved = resolve_data_dir(data_dir)
+    resolved = _check_data_dir(src, data_dir, source)
     if source != "hub" and loader.offline is not None and _offline_available(src.name, resolved):
         return "offline"
     if source == "offline":
@@ -622,6 +762,9 @@ def check_available(name: str, *, data_dir: str | os.PathLike[str] | None = None
         if source == "auto":
             context += " because its offline copy is unavailable [" + _missing_offline_message(src, resolved) + "]"
         _import_datasets(context)
+    refusal = _hub_refusal(src, resolved, source)
+    if refusal:
+        raise DataUnavailableError(refusal)
     return "hub"
 
 
@@ -646,7 +789,7 @@ def load_texts(
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be a positive integer or None, got {max_docs!r}")
     loader = _LOADERS[src.name]
-    resolved = resolve_data_dir(data_dir)
+    resolved = _check_data_dir(src, data_dir, source)
     has_offline = loader.offline is not None and _offline_available(src.name, resolved)
 
     use_offline = source == "offline" or (source == "auto" and has_offline)
@@ -656,13 +799,23 @@ def load_texts(
         assert loader.offline is not None and resolved is not None
         files = _offline_files(src.name, resolved)
         logger.info("loading source %r offline from %s", src.name, ", ".join(map(str, files)))
-        docs = _finish(loader.offline(files), max_docs)
+        docs = _read_offline(loader, files)
+        if max_docs is not None:
+            docs = docs[:max_docs]
     else:
         if loader.hub_record is None and loader.hub_all is None:
             raise ValueError(f"Source {src.name!r} has no hub loader; use source='offline'.")
         context = f"Loading source {src.name!r} from the hub ({src.hub_id})"
         if source == "auto":
             context += " because its offline copy is unavailable [" + _missing_offline_message(src, resolved) + "]"
-        docs = _load_hub(src, loader, max_docs, _import_datasets(context))
+            if loader.offline is not None:
+                logger.warning("source %r: no offline copy (%s); reading it from the hub", src.name,
+                               _missing_offline_message(src, resolved))
+        datasets_mod = _import_datasets(context)
+        try:
+            docs = _load_hub(src, loader, max_docs, datasets_mod)
+        except (OSError, TimeoutError) as exc:  # ConnectionError, requests/HTTP errors, missing cache entries
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataUnavailableError(f"{context}: the hub (or the local `datasets` cache) failed: {first}") from exc
     logger.info("source %r: %d documents", src.name, len(docs))
     return docs

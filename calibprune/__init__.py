@@ -1,6 +1,7 @@
 """calibprune: calibration-aware, high-sparsity pruning of LLMs.
 
-Faithful SparseGPT (reference and fused), Wanda and magnitude baselines through one layer-wise pipeline;
+Faithful SparseGPT (reference and fused), Wanda and magnitude through one layer-wise pipeline and one method
+registry (OWL layer sparsities, DSnoT mask refinement, llm-compressor recipes);
 calibration sets built from named sources and mixes; fast ops with torch / Triton / C++ / CUDA backends.
 Importing calibprune does not initialise CUDA and never fails for lack of a native extension.
 """
@@ -13,21 +14,20 @@ from .calibration import CalibrationSet, build_calibration, igsp, list_sources, 
 from .evaluation import evaluate, perplexity, retention, wikitext2_perplexity  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .pruning import (  # noqa: E402
+    MagnitudeConfig,
     PruneConfig,
     PruneReport,
+    SparseGPTConfig,
+    WandaConfig,
+    load_recipe,
+    make_config,
+    prune,
     prune_magnitude,
     prune_sparsegpt_fused,
     prune_sparsegpt_reference,
     prune_wanda,
 )
 from .save import save_pruned  # noqa: E402
-
-PRUNERS_BY_METHOD = {
-    "sparsegpt": prune_sparsegpt_fused,
-    "sparsegpt-reference": prune_sparsegpt_reference,
-    "wanda": prune_wanda,
-    "magnitude": prune_magnitude,
-}
 
 __all__ = [
     "__version__",
@@ -41,7 +41,13 @@ __all__ = [
     "self_cal",
     "sgs",
     "igsp",
+    "prune",
+    "make_config",
+    "load_recipe",
     "PruneConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "MagnitudeConfig",
     "PruneReport",
     "prune_sparsegpt_fused",
     "prune_sparsegpt_reference",
@@ -52,5 +58,4 @@ __all__ = [
     "evaluate",
     "retention",
     "save_pruned",
-    "PRUNERS_BY_METHOD",
 ]

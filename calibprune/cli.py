@@ -1,11 +1,11 @@
 """Command line: ``calibprune prune | calib | eval | study | bench`` (also ``python -m calibprune``).
 
-The ``prune`` options are generated from :class:`calibprune.PruneConfig`, so the CLI and the API cannot drift.
+The ``prune`` options are generated from the config dataclasses and the method registry
+(:mod:`calibprune.pruning.cli_options`), so the CLI and the API cannot drift.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import re
 import sys
@@ -14,49 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .pruning.config import METHODS, PruneConfig
-
 log = logging.getLogger("calibprune")
-
-_CHOICES = {"method": METHODS}
-
-
-def _field_help() -> dict[str, str]:
-    """Attribute descriptions from the PruneConfig docstring (``name: text`` lines under ``Attributes:``)."""
-    doc = PruneConfig.__doc__ or ""
-    helps: dict[str, str] = {}
-    current = None
-    for line in doc.split("Attributes:", 1)[-1].splitlines():
-        m = re.match(r"\s{8}(\w+): (.*)", line)
-        if m:
-            current = m.group(1)
-            helps[current] = m.group(2).strip().replace("``", "")
-        elif current and line.strip():
-            helps[current] += " " + line.strip().replace("``", "")
-    return helps
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    helps = _field_help()
-    for f in dataclasses.fields(PruneConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"default": default, "help": helps.get(f.name, "") + f" (default: {default})"}
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple):
-            kw.update(nargs="*", type=str)
-        elif f.name in _CHOICES:
-            kw["choices"] = _CHOICES[f.name]
-        elif default is None:
-            kw["type"] = str
-        else:
-            kw["type"] = type(default)
-        parser.add_argument(flag, **kw)
-
-
-def _config_from(args: argparse.Namespace) -> PruneConfig:
-    return PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
 
 
 def _parse_sources(spec: str) -> str | dict[str, float]:
@@ -76,7 +34,8 @@ def _parse_sources(spec: str) -> str | dict[str, float]:
 def _add_calib_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default="c4",
                         help="source name, comma list (uniform mix), name:weight list, or a saved CalibrationSet .pt")
-    parser.add_argument("--n", type=int, default=128, help="calibration sequences (default: 128)")
+    parser.add_argument("--num-samples", "--n", dest="n", type=int, default=128,
+                        help="calibration sequences (default: 128)")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     parser.add_argument("--data-dir", default=None, help="offline data folder (default: $CALIBPRUNE_DATA_DIR, "
@@ -113,35 +72,51 @@ def _calibration(args: argparse.Namespace, spec, tokenizer):
                              data_source=args.data_source)
 
 
+def _format_sparsity(value: float | tuple[float, ...]) -> str:
+    if isinstance(value, tuple):
+        return f"per layer {min(value):.2%}..{max(value):.2%}"
+    return f"{value:.2%}"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    from . import PRUNERS_BY_METHOD
     from .evaluation import wikitext2_perplexity
     from .models import load_model, resolve_model_path
+    from .pruning import check_request, prune
+    from .pruning.cli_options import config_from_args
     from .save import check_output_dir, save_pruned
 
-    # Everything that can be checked without loading the model or data is checked first.
-    config = _config_from(args)
+    # Everything that can be checked without loading the model or data is checked first, then everything the
+    # model decides (targets, widths, device, token ids) before the dense evaluation and the prune.
+    config = config_from_args(args)
     check_output_dir(args.out, overwrite=args.overwrite)
     resolve_model_path(args.model)
     spec = _preflight_calib(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     calib = _calibration(args, spec, tokenizer)
+    check_request(model, calib, config)
     dense_ppl = None if args.no_eval else wikitext2_perplexity(
         model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("method",)}
-    pruner = PRUNERS_BY_METHOD[config.method]
-    report = pruner(model, calib, **options)
+    report = prune(model, calib, config)
     pruned_ppl = None if args.no_eval else wikitext2_perplexity(
         model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
     extra = {"model": args.model, "calibration": getattr(calib, "provenance", {}),
              "wikitext2": {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "seqlen": args.eval_seqlen,
                            "windows": args.eval_windows}}
     out = save_pruned(model, tokenizer, args.out, report, extra=extra, overwrite=args.overwrite)
-    rows = [("model", args.model), ("method", f"{config.method} ({config.pattern}, backend {config.backend})"),
+    how = [config.pattern, f"numerics {config.numerics}"]
+    if config.sparsity_profile != "uniform":
+        how.append(f"profile {config.sparsity_profile}")
+    if config.refine:
+        how.append(f"refine {config.refine}")
+    if report.resolved_backends:
+        how.append("backends " + ", ".join(f"{k}={v}" for k, v in report.resolved_backends.items()))
+    rows = [("model", args.model), ("method", f"{config.method} ({'; '.join(how)})"),
             ("calibration", f"{args.calib}: {calib.n if hasattr(calib, 'n') else len(calib)} x {args.seqlen}"),
             ("prune time", f"{report.seconds:.1f} s"), ("total time", f"{time.perf_counter() - t0:.1f} s"),
-            ("target sparsity", f"{config.sparsity:.2%}"), ("achieved sparsity", f"{report.sparsity:.2%}"),
+            ("target sparsity", _format_sparsity(tuple(report.layer_targets) if config.sparsity_profile != "uniform"
+                                                 else config.sparsity)),
+            ("achieved sparsity", f"{report.sparsity:.2%}"),
             ("WikiText-2 ppl dense", "skipped" if dense_ppl is None else f"{dense_ppl:.2f}"),
             ("WikiText-2 ppl pruned", "skipped" if pruned_ppl is None else f"{pruned_ppl:.2f}"),
             ("saved to", str(out))]
@@ -247,6 +222,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pruning.cli_options import add_prune_options
+
     parser = argparse.ArgumentParser(prog="calibprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it with a calibprune.json sidecar")
     model_options(p)
     _add_calib_options(p)
-    _add_config_options(p)
+    add_prune_options(p)
     eval_options(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned WikiText-2 perplexity")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
-from calibprune import PruneConfig, prune_sparsegpt_fused, prune_wanda
+from calibprune import SparseGPTConfig, prune_sparsegpt_fused, prune_wanda
 from calibprune.cli import main
 
 
@@ -19,13 +19,12 @@ from calibprune.cli import main
     (dict(pattern="3:2"), "0 < N < M"),
     (dict(pattern="two:four"), "pattern must be"),
     (dict(pattern="2:4", blocksize=30), "multiple of M"),
-    (dict(method="obs"), "unknown method"),
     (dict(backend="metal"), "unknown backend"),
     (dict(batch_size=0), "batch_size"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(**kwargs)
+        SparseGPTConfig(**kwargs)
 
 
 def test_nm_must_divide_columns_and_model_is_untouched():

@@ -1,79 +1,194 @@
-"""Typed, validated configuration shared by every pruning method and the CLI."""
+"""Typed, validated configuration: one common config every method shares, one subclass per method.
+
+Each method's config (``SparseGPTConfig``, ``WandaConfig``, ``MagnitudeConfig``, …) adds its own knobs to
+:class:`PruneConfig` and is validated for that method only, in ``__post_init__``: an N:M pattern only constrains
+SparseGPT's ``blocksize``, because only SparseGPT has blocks. Sparsity profiles (OWL) and mask refiners (DSnoT) carry
+their own typed option dataclasses, looked up by name in :mod:`calibprune.pruning.registry`.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from ..ops._backend import BACKENDS
+__all__ = ["PruneConfig", "parse_pattern", "NUMERICS", "option_fields"]
 
-__all__ = ["PruneConfig", "parse_pattern", "METHODS"]
-
-METHODS = ("sparsegpt", "sparsegpt-reference", "wanda", "magnitude")
+#: ``"reference"``: bitwise the authors' numerics; ``"fast"``: may round differently, judged by quality.
+NUMERICS = ("reference", "fast")
+DEFAULT_SPARSITY = 0.6
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
-    """``"unstructured"`` → ``(0, 0)``; ``"2:4"`` → ``(2, 4)``; anything else is a ``ValueError``."""
-    if pattern == "unstructured":
+    """``"unstructured"`` → ``(0, 0)``; ``"2:4"`` → ``(2, 4)``; anything else is a ``ValueError``.
+
+    llm-compressor's spelling of unstructured, ``"0:0"``, is accepted too.
+    """
+    if pattern in ("unstructured", "0:0"):
         return 0, 0
     try:
         n_str, m_str = pattern.split(":")
         n, m = int(n_str), int(m_str)
-    except ValueError:
+    except (ValueError, AttributeError):
         raise ValueError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}") from None
     if not 0 < n < m:
         raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
     return n, m
 
 
-@dataclass
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The init fields of a config dataclass, in declaration order (what the CLI and recipes may set)."""
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _typed_options(kind: str, name: str | None, table: Mapping[str, Any], options: Any) -> Any:
+    """Turn ``options`` (None, a dict or the typed dataclass) into ``table[name]``'s typed options, or None."""
+    if name is None:
+        if options:
+            raise ValueError(f"{kind}_options given without a {kind}")
+        return None
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
+    options_cls = table[name].options_class
+    if options is None:
+        return options_cls()
+    if isinstance(options, options_cls):
+        return options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{kind}_options for {name!r} must be a dict or {options_cls.__name__}, "
+                        f"got {type(options).__name__}")
+    known = {f.name for f in option_fields(options_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {kind} {name!r}; known: {sorted(known)}")
+    return options_cls(**options)
+
+
+@dataclass(kw_only=True)
 class PruneConfig:
-    """What to prune and how.
+    """What every method shares: how much to prune, where, and how the layer-wise pipeline runs.
+
+    Use a method's subclass (``SparseGPTConfig``, ``WandaConfig``, ``MagnitudeConfig``…) or
+    :func:`calibprune.pruning.make_config`; the base class names no method.
 
     Attributes:
-        method: one of ``METHODS``.
-        sparsity: fraction of weights pruned per target matrix, in (0, 1). For N:M it is implied (N/M).
-        pattern: ``"unstructured"`` or ``"N:M"``.
-        blocksize: SparseGPT lazy-update block width (a multiple of M for N:M).
-        percdamp: SparseGPT damping as a fraction of mean(diag H).
-        backend: op backend for the fused path (``"auto"`` or one of ``calibprune.ops.BACKENDS``).
-        batch_size: sequences per batched layer forward.
-        device: compute device for one layer at a time (default: cuda if available, else cpu).
-        offload_activations: keep layer inputs on CPU between layers (for big models on GPU).
-        targets: fnmatch patterns of module names (relative to a decoder layer, e.g. ``"self_attn.*"``);
-            empty means every ``nn.Linear`` inside the decoder layers. ``lm_head`` is never pruned.
-        ignore: fnmatch patterns to leave dense.
+        sparsity: fraction pruned per target matrix, in (0, 1), or one value per decoder layer; default 0.6.
+            For N:M it is implied (N/M): leave it out, or give exactly N/M.
+        pattern: "unstructured" or "N:M" (e.g. "2:4"; N:M needs M to divide every target's input width).
+        sparsity_profile: "uniform" (the same sparsity in every layer) or a registered profile such as "owl"
+            (per-layer sparsities from the calibration data, parameter-weighted mean = sparsity).
+        profile_options: the profile's options (a dict or its typed dataclass, e.g. OWL's m and lmbda).
+        refine: None, or a registered mask refiner such as "dsnot" applied to every pruned matrix.
+        refine_options: the refiner's options (a dict or its typed dataclass).
+        numerics: "reference" (bitwise the authors' arithmetic) or "fast" (bf16 calibration forwards where the
+            device supports them, cheaper Hessian and OBS arithmetic; judged by quality, not bit equality).
+        targets: patterns of Linear modules to prune: fnmatch on names relative to a decoder layer
+            ("self_attn.*") or on full names, "re:<regex>" matched on full names or their prefixes, or a class name
+            ("Linear"); empty means every Linear inside the decoder layers. lm_head is never pruned.
+        ignore: patterns (same forms) of modules to leave dense.
+        batch_size: calibration sequences per layer forward and per statistics update. 1 is the authors' order
+            (bitwise their weights); larger is faster and rounds the statistics differently.
+        device: compute device for one decoder layer at a time (default: cuda if available, else cpu).
+        offload_activations: keep layer inputs on CPU between layers (big models on GPU).
+        report_errors: compute each matrix's reconstruction error from the Hessian for the report.
     """
 
-    method: str = "sparsegpt"
-    sparsity: float = 0.6
+    method: ClassVar[str] = ""
+
+    sparsity: float | tuple[float, ...] | None = None
     pattern: str = "unstructured"
-    blocksize: int = 128
-    percdamp: float = 0.01
-    backend: str = "auto"
-    batch_size: int = 8
-    device: str | None = None
-    offload_activations: bool = False
+    sparsity_profile: str = "uniform"
+    profile_options: Any = None
+    refine: str | None = None
+    refine_options: Any = None
+    numerics: str = "reference"
     targets: tuple[str, ...] = field(default_factory=tuple)
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    batch_size: int = 1
+    device: str | None = None
+    offload_activations: bool = False
+    report_errors: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        from .registry import PROFILES, REFINERS
+
+        if type(self) is PruneConfig:
+            raise TypeError("PruneConfig is the common base; use a method's config (SparseGPTConfig, WandaConfig, "
+                            "MagnitudeConfig) or make_config(method, ...)")
         self.prune_n, self.prune_m = parse_pattern(self.pattern)
-        if self.prune_n == 0 and not 0.0 < self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        given = self.sparsity is not None
+        if not given:
+            self.sparsity = self.prune_n / self.prune_m if self.prune_n else DEFAULT_SPARSITY
+        if isinstance(self.sparsity, Sequence) and not isinstance(self.sparsity, str):
+            self.sparsity = tuple(float(s) for s in self.sparsity)
+            if not self.sparsity:
+                raise ValueError("a per-layer sparsity list must not be empty")
+            values = self.sparsity
+        elif isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool):
+            self.sparsity = float(self.sparsity)
+            values = (self.sparsity,)
+        else:
+            raise TypeError(f"sparsity must be a number or a list of numbers, got {self.sparsity!r}")
         if self.prune_n:
-            self.sparsity = self.prune_n / self.prune_m
-            if self.blocksize % self.prune_m:
-                raise ValueError(f"blocksize {self.blocksize} must be a multiple of M = {self.prune_m}")
-        if self.blocksize < 1:
-            raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
-        if not 0.0 <= self.percdamp < 1.0:
-            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
-        if self.backend != "auto" and self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose auto or one of {BACKENDS}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.targets, self.ignore = tuple(self.targets), tuple(self.ignore)
+            implied = self.prune_n / self.prune_m
+            if given and any(not math.isclose(v, implied) for v in values):
+                raise ValueError(f"pattern {self.pattern} prunes exactly {implied:g} of each group; sparsity "
+                                 f"{self.sparsity} contradicts it (leave sparsity out for N:M)")
+            self.sparsity = implied
+        elif any(not 0.0 < v < 1.0 for v in values):
+            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.sparsity_profile != "uniform":
+            if self.sparsity_profile not in PROFILES:
+                raise ValueError(f"unknown sparsity_profile {self.sparsity_profile!r}; choose one of "
+                                 f"{['uniform', *sorted(PROFILES)]}")
+            if self.prune_n:
+                raise ValueError(f"sparsity_profile={self.sparsity_profile!r} sets per-layer sparsities; an N:M "
+                                 f"pattern ({self.pattern}) fixes every layer's sparsity")
+            if isinstance(self.sparsity, tuple):
+                raise ValueError("give either per-layer sparsities or a sparsity_profile, not both")
+        self.profile_options = _typed_options(
+            "profile", None if self.sparsity_profile == "uniform" else self.sparsity_profile, PROFILES,
+            self.profile_options)
+        self.refine_options = _typed_options("refine", self.refine, REFINERS, self.refine_options)
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        self.targets, self.ignore = _patterns(self.targets, "targets"), _patterns(self.ignore, "ignore")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"device {self.device!r} is not a torch device ({exc})") from None
+
+    def layer_sparsity(self, index: int) -> float:
+        """The uniform or listed sparsity of decoder layer ``index`` (profiles are resolved by the pipeline)."""
+        return self.sparsity[index] if isinstance(self.sparsity, tuple) else self.sparsity
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"prune_n": self.prune_n, "prune_m": self.prune_m}
+        """Every setting, JSON-ready, with the method name and the parsed pattern."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out | {"prune_n": self.prune_n, "prune_m": self.prune_m}
+
+
+def _patterns(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    for p in value:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"{name} must be non-empty strings, got {p!r}")
+        if p.startswith("re:"):
+            import re
+
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ValueError(f"{name} pattern {p!r} is not a valid regular expression: {exc}") from None
+    return value

@@ -1,134 +1,190 @@
-"""SparseGPT, twice: the faithful reference pipeline and the fused one (same masks, weights up to rounding).
+"""SparseGPT, twice: the faithful reference and the fused path (same masks, same weights under the same batches).
 
-Reference (IST-DASLab/sparsegpt): one Hessian per Linear fed by its own hook, the full layer forward, and
-``fasterprune`` line for line. Fused: one Hessian per group of modules reading the same input (q/k/v, gate/up),
-one scaled accumulate per batch, the statistics forward stopped once the last target has its input, the lean
-OBS loop of :func:`calibprune.ops.obs_prune` with a backend switch, and no recompute after the last layer.
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (2023).
+
+Reference (IST-DASLab/sparsegpt ``llama_sequential``): one Hessian per Linear fed by its own hook, the full layer
+forward, and ``fasterprune`` line for line. Fused: one Hessian per group of modules reading the same input
+(q/k/v, gate/up), the statistics forward stopped once the last target has its input, the lean OBS loop of
+:func:`calibprune.ops.obs_prune` with a backend switch, and no recompute after the last layer.
 """
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..calibration import CalibrationSet, as_token_ids
+from ..calibration import CalibrationSet
 from ..ops import hessian_update, hessian_update_reference, obs_prune, obs_prune_reference
-from ..ops._backend import resolve_backend
+from ..ops._backend import BACKENDS, resolve_backend
 from ..ops.hessian import SUPPORTED as HESSIAN_BACKENDS
 from ..ops.obs import SUPPORTED as OBS_BACKENDS
 from .config import PruneConfig
-from .pipeline import LayerMethod, hessian_errors, prune_layerwise
+from .method import ModuleResult, PruningMethod
 from .report import PruneReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_sparsegpt_fused", "prune_sparsegpt_reference", "SparseGPTMethod"]
+__all__ = ["SparseGPTConfig", "SparseGPTReferenceConfig", "SparseGPTMethod", "prune_sparsegpt_fused",
+           "prune_sparsegpt_reference", "resolve_op_backends",
+           "SparseGPTReferenceMethod"]
 
 
-class SparseGPTMethod(LayerMethod):
-    """Hessian statistics and OBS pruning; ``reference=True`` keeps every reference habit."""
+@dataclass(kw_only=True)
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT through the fused path.
 
-    def __init__(self, reference: bool, backend: str = "auto"):
-        self.reference = reference
-        self.backend = backend
-        self.share_inputs = not reference
-        self.stop_early = not reference
+    Attributes:
+        blocksize: lazy-update block width of the OBS solve (a multiple of M for N:M).
+        percdamp: damping added to diag(H), as a fraction of its mean.
+        backend: op backend, "auto" or one of torch, triton, cuda, cpp; an op that lacks the chosen backend runs
+            on torch (logged, and recorded in the report's resolved_backends).
+    """
+
+    method = "sparsegpt"
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be an integer >= 1, got {self.blocksize!r}")
+        if self.prune_m and self.blocksize % self.prune_m:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M = {self.prune_m} for "
+                             f"pattern {self.pattern}")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose auto or one of {BACKENDS}")
+
+
+@dataclass(kw_only=True)
+class SparseGPTReferenceConfig(SparseGPTConfig):
+    """The faithful, slow reference: plain torch, reference numerics, one Hessian per Linear."""
+
+    method = "sparsegpt-reference"
+
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend not in ("torch", "auto"):
+            raise ValueError(f"sparsegpt-reference always runs plain torch; backend {self.backend!r} is for "
+                             "method sparsegpt")
+        if self.numerics != "reference":
+            raise ValueError("sparsegpt-reference runs reference numerics only; numerics='fast' is for sparsegpt")
+        self.backend = "torch"
+
+
+def resolve_op_backends(backend: str, device: torch.device) -> dict[str, str]:
+    """The backend each SparseGPT op will run for ``backend`` on ``device``.
+
+    An explicit backend that an op does not implement (the Hessian has no C++ kernel) falls back to torch for
+    that op, with a log line; one that is not available here (``cuda`` on a CPU machine) is an error.
+    """
+    out = {}
+    for op, supported in (("hessian_update", HESSIAN_BACKENDS), ("obs_prune", OBS_BACKENDS)):
+        if backend not in ("auto", "torch") and backend not in supported:
+            log.info("%s has no %r backend; it runs on torch", op, backend)
+            out[op] = "torch"
+        else:
+            out[op] = resolve_backend(backend, device, supported, op=op)
+    return out
+
+
+class SparseGPTMethod(PruningMethod):
+    """Hessian statistics and OBS pruning; with a :class:`SparseGPTReferenceConfig` it keeps every reference habit
+    (a Hessian per module, the full layer forward, ``fasterprune`` line for line)."""
+
+    config_class = SparseGPTConfig
+
+    def __init__(self, config: SparseGPTConfig):
+        super().__init__(config)
+        self.reference = isinstance(config, SparseGPTReferenceConfig)
+        self.share_inputs = self.stop_early = not self.reference
         self.H: dict[str, torch.Tensor] = {}
         self.nsamples: dict[str, int] = {}
         self.seqlen = 0
-        self.phase_seconds = {"hessian": 0.0}
 
-    def start_layer(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
-        self.device = device
+    def resolve(self, device: torch.device) -> None:
+        if not self.reference:
+            self.resolved_backends = resolve_op_backends(self.config.backend, device)
+
+    def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
         self.H, self.nsamples = {}, {}
-        if not self.reference:  # which backends "auto" (or the explicit choice) really runs, for the report
-            self.resolved_backends = {
-                "hessian_update": resolve_backend(self.backend, device, HESSIAN_BACKENDS, op="hessian_update"),
-                "obs_prune": resolve_backend(self.backend, device, OBS_BACKENDS, op="obs_prune"),
-            }
 
-    def add_batch(self, leader: str, x: torch.Tensor) -> None:
-        if leader not in self.H:
+    def add_batch(self, group: str, x: torch.Tensor) -> None:
+        if group not in self.H:
             d = x.shape[-1]
-            self.H[leader] = torch.zeros((d, d), dtype=torch.float32, device=x.device)
-            self.nsamples[leader] = 0
-        self.seqlen = x.shape[-2] if x.dim() == 3 else x.shape[0]
-        t0 = time.perf_counter()
-        if self.reference:
-            self.nsamples[leader] = hessian_update_reference(self.H[leader], x, self.nsamples[leader])
-        else:
-            self.nsamples[leader] = hessian_update(self.H[leader], x, self.nsamples[leader], backend=self.backend)
-        self.phase_seconds["hessian"] += time.perf_counter() - t0
+            self.H[group] = torch.zeros((d, d), dtype=torch.float32, device=x.device)
+            self.nsamples[group] = 0
+        with self.timed("hessian"):
+            if self.reference:
+                self.nsamples[group] = hessian_update_reference(self.H[group], x, self.nsamples[group])
+            else:
+                self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group],
+                                                      backend=self.resolved_backends["hessian_update"])
 
-    def prune_module(self, name: str, module: nn.Linear, leader: str, config: PruneConfig) -> dict:
-        H = self.H[leader]
-        W_old = module.weight.data.float().clone()
-        W = W_old.clone()
+    def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
+        config = self.config
+        H = self.H[group]
+        W = module.weight.data.float().clone()
         kwargs = dict(prune_n=config.prune_n, prune_m=config.prune_m, blocksize=config.blocksize,
                       percdamp=config.percdamp)
-        t0 = time.perf_counter()
-        if self.reference:
-            _, losses = obs_prune_reference(W, H.clone(), config.sparsity, **kwargs)
-        else:
-            _, losses = obs_prune(W, H.clone(), config.sparsity, backend=self.backend, return_losses=True, **kwargs)
-        self.phase_seconds["obs"] = self.phase_seconds.get("obs", 0.0) + time.perf_counter() - t0
+        with self.timed("obs"):
+            if self.reference:
+                _, losses = obs_prune_reference(W, H.clone(), sparsity, **kwargs)
+            else:
+                _, losses = obs_prune(W, H.clone(), sparsity, backend=self.resolved_backends["obs_prune"],
+                                      return_losses=True, **kwargs)
         module.weight.data.copy_(W.to(module.weight.dtype))
-        return hessian_errors(W_old, W, H, self.seqlen) | {"obs_loss": float(losses.sum())}
+        return ModuleResult(hessian=H, obs_loss=float(losses.sum()))
 
-    def end_layer(self) -> None:
+    def end_layer(self, index: int) -> None:
         self.H, self.nsamples = {}, {}
 
 
-def _validate_nm(model: nn.Module, config: PruneConfig) -> None:
-    """N:M needs M to divide every target's input width; say which module breaks it before any work."""
-    if not config.prune_m:
-        return
-    from .pipeline import find_decoder_layers, select_targets
-
-    _, layers = find_decoder_layers(model)
-    for name, mod in select_targets(layers[0], config.targets, config.ignore).items():
-        if mod.in_features % config.prune_m:
-            raise ValueError(f"N:M pattern {config.pattern} needs M to divide the input width of every target, "
-                             f"but {name} has in_features = {mod.in_features}")
-
-
-def run_method(model: nn.Module, calib: CalibrationSet | torch.Tensor | None, config: PruneConfig,
-               method: LayerMethod) -> PruneReport:
-    """Validate, then run ``method`` through the layer-wise pipeline and return its report."""
-    ids = as_token_ids(calib)
-    _validate_nm(model, config)
-    provenance = calib.provenance if isinstance(calib, CalibrationSet) else {"kind": "tensor"}
-    report = PruneReport(method=config.method, config=config.to_dict(),
-                         calibration=provenance | {"n": ids.shape[0], "seqlen": ids.shape[1]})
-    return prune_layerwise(model, ids, config, method, report)
-
-
-def prune_sparsegpt_fused(model: nn.Module, calib: CalibrationSet | torch.Tensor, *, sparsity: float = 0.6,
-                          pattern: str = "unstructured", blocksize: int = 128, percdamp: float = 0.01,
-                          backend: str = "auto", **options) -> PruneReport:
-    """Prune ``model`` in place with SparseGPT, fast: same masks as the reference, weights up to float rounding.
+def prune_sparsegpt_fused(model: nn.Module, calib: CalibrationSet | torch.Tensor, *,
+                          sparsity: float | Sequence[float] | None = None, pattern: str = "unstructured",
+                          blocksize: int = 128, percdamp: float = 0.01, backend: str = "auto",
+                          **options) -> PruneReport:
+    """Prune ``model`` in place with SparseGPT, fast: bitwise the reference under the same batch order.
 
     Args:
         calib: a ``CalibrationSet`` or token ids ``[n, seqlen]`` int64.
-        sparsity: fraction pruned per matrix (unstructured); implied by ``pattern`` for N:M.
+        sparsity: fraction pruned per matrix (default 0.6), or one value per decoder layer; implied by N:M.
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
         backend: ops backend, ``"auto"`` picks the fastest available.
-        options: any other :class:`PruneConfig` field (``batch_size``, ``device``, ``targets``, ``ignore``…).
+        options: any other :class:`SparseGPTConfig` field (``numerics``, ``sparsity_profile``, ``refine``,
+            ``batch_size``, ``device``, ``targets``, ``ignore``…).
     """
-    config = PruneConfig(method="sparsegpt", sparsity=sparsity, pattern=pattern, blocksize=blocksize,
-                         percdamp=percdamp, backend=backend, **options)
-    return run_method(model, calib, config, SparseGPTMethod(reference=False, backend=backend))
+    from .pipeline import prune
+
+    config = SparseGPTConfig(sparsity=sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp,
+                             backend=backend, **options)
+    return prune(model, calib, config)
 
 
-def prune_sparsegpt_reference(model: nn.Module, calib: CalibrationSet | torch.Tensor, *, sparsity: float = 0.6,
-                              pattern: str = "unstructured", blocksize: int = 128, percdamp: float = 0.01,
-                              backend: str = "torch", **options) -> PruneReport:
-    """Prune ``model`` in place with the faithful, slow SparseGPT reference (IST-DASLab numerics).
+class SparseGPTReferenceMethod(SparseGPTMethod):
+    """The faithful reference: a Hessian per Linear, the full layer forward, ``fasterprune`` line for line."""
 
-    Same signature as :func:`prune_sparsegpt_fused`; ``backend`` is accepted and ignored (always plain torch).
+    config_class = SparseGPTReferenceConfig
+
+
+def prune_sparsegpt_reference(model: nn.Module, calib: CalibrationSet | torch.Tensor, *,
+                              sparsity: float | Sequence[float] | None = None, pattern: str = "unstructured",
+                              blocksize: int = 128, percdamp: float = 0.01, backend: str = "torch",
+                              **options) -> PruneReport:
+    """Prune ``model`` in place with the faithful, slow SparseGPT reference (IST-DASLab numerics and order).
+
+    Same signature as :func:`prune_sparsegpt_fused`; ``backend`` must be ``"torch"`` (or ``"auto"``).
     """
-    config = PruneConfig(method="sparsegpt-reference", sparsity=sparsity, pattern=pattern, blocksize=blocksize,
-                         percdamp=percdamp, backend="torch", **options)
-    return run_method(model, calib, config, SparseGPTMethod(reference=True))
+    from .pipeline import prune
+
+    config = SparseGPTReferenceConfig(sparsity=sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp,
+                                      backend=backend, **options)
+    return prune(model, calib, config)

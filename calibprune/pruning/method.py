@@ -1,0 +1,153 @@
+"""The interface a pruning method implements; :func:`calibprune.pruning.pipeline.prune_layerwise` drives it.
+
+Per decoder layer the pipeline calls, in order::
+
+    start_layer(index, modules, device)
+    add_batch(group, x)            for every calibration batch and every input group of the layer
+    finalize_statistics(index)     once, after the last batch (the seam where a distributed all-reduce goes)
+    prune_module(index, name, module, group, sparsity)   for every target module
+    end_layer(index)
+
+A *group* is the modules that read the very same input tensor (q/k/v, gate/up); it is named after its first
+module and, when ``share_inputs`` is set, shares one statistic. A method reports sub-phase timings in
+``timings`` and the op backends it really ran in ``resolved_backends``; the pipeline copies both into the report.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+
+__all__ = ["LayerStatistics", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult", "reconstruction_error"]
+
+
+@dataclass
+class ModuleResult:
+    """What pruning one matrix produced, besides its new weights (all optional).
+
+    ``hessian``: the ``[cols, cols]`` fp32 running-average Hessian of the module's input, when the method has it
+    (the pipeline uses it for the reconstruction error after any refinement); ``obs_loss``: SparseGPT's own loss;
+    ``damping``: the damping actually applied, when it was escalated; ``extra``: anything else for the report.
+    """
+
+    hessian: torch.Tensor | None = None
+    obs_loss: float | None = None
+    damping: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LayerStatistics:
+    """Per-layer calibration statistics: what a pruning method and a mask refiner both collect.
+
+    ``timings`` (sub-phase seconds) and ``resolved_backends`` (op → backend really run) are declared here and
+    copied into the report by the pipeline.
+    """
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.resolved_backends: dict[str, str] = {}
+
+    def resolve(self, device: torch.device) -> None:
+        """Check, before any work, that this can run on ``device``; fill ``resolved_backends``."""
+
+    def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
+        """Reset per-layer state before the statistics forwards of decoder layer ``index``."""
+
+    def add_batch(self, group: str, x: torch.Tensor) -> None:
+        """Fold the input ``x: [b, t, in]`` of the modules of ``group`` into that group's statistic."""
+
+    def finalize_statistics(self, index: int) -> None:
+        """After the layer's last batch and before any pruning (a distributed run all-reduces here)."""
+
+    def end_layer(self, index: int) -> None:
+        """Free the layer's statistics."""
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to ``timings[phase]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class PruningMethod(LayerStatistics):
+    """Base class of every pruning method; see the module docstring for the call order.
+
+    Class attributes:
+        config_class: the method's typed config (a :class:`PruneConfig` subclass).
+        share_inputs: modules reading the very same input tensor share one statistic.
+        stop_early: end each statistics forward once every target module has seen its input.
+        needs_calibration: False for data-free methods (magnitude), which may run without calibration data.
+    """
+
+    config_class: ClassVar[type[PruneConfig]]
+    share_inputs: ClassVar[bool] = True
+    stop_early: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: PruneConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
+        """Prune ``module`` of decoder layer ``index`` in place to ``sparsity`` (ignored for N:M)."""
+        raise NotImplementedError
+
+
+class MaskRefiner(LayerStatistics):
+    """Changes which weights a method pruned (e.g. DSnoT), keeping each row's (or group's) count.
+
+    ``options_class``: the refiner's typed options dataclass (``PruneConfig.refine_options``).
+    """
+
+    options_class: ClassVar[type]
+
+    def __init__(self, options: Any, config: PruneConfig):
+        super().__init__()
+        self.options, self.config = options, config
+
+    def refine(self, index: int, name: str, module: nn.Linear, group: str, W_dense: torch.Tensor,
+               sparsity: float) -> dict:
+        """Refine ``module.weight`` in place, given its dense weights ``W_dense: [rows, cols] fp32``; return
+        report fields."""
+        raise NotImplementedError
+
+
+class SparsityProfile:
+    """Chooses each decoder layer's sparsity (e.g. OWL). ``options_class``: its typed options dataclass."""
+
+    options_class: ClassVar[type]
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    def layer_sparsities(self, model: nn.Module, ids: torch.Tensor, config: PruneConfig, *,
+                         progress: bool = True) -> tuple[list[float], dict]:
+        """One sparsity per decoder layer (parameter-weighted mean = ``config.sparsity``) and report details."""
+        raise NotImplementedError
+
+
+def reconstruction_error(W_old: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                         seqlen: int) -> tuple[float, float | None]:
+    """Mean per-token ‖(W − Ŵ)x‖² (summed over output rows) and its ratio to the same quantity for W.
+
+    ``H: [cols, cols]`` fp32 is the running-average Hessian (2/n)·Σ x xᵀ over n sequences of ``seqlen`` tokens, so
+    tr(ΔW·H·ΔWᵀ)/(2·seqlen) is the mean over calibration tokens. ``W_old, W_new: [rows, cols]`` fp32. Both terms
+    come from one GEMM of the stacked ``[ΔW; W]`` with H.
+    """
+    stacked = torch.cat((W_old - W_new, W_old))
+    per_row = (stacked @ H).mul_(stacked).sum(1)
+    rows = W_old.shape[0]
+    err, base = float(per_row[:rows].sum()) / (2 * seqlen), float(per_row[rows:].sum()) / (2 * seqlen)
+    return err, (err / base if base > 0 else None)

@@ -1,0 +1,126 @@
+"""OWL: outlier-weighed layer-wise sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity", ICML 2024).
+
+A dense pass measures, per decoder layer, the share of its Wanda scores |W_ij|·‖X_j‖ that exceed ``m`` times the
+layer's mean score (the outlier ratio, over all the layer's target matrices together). Layers with more outliers
+are pruned less: the ratios are min-max scaled to [0, 2·lmbda] and subtracted from the target around their
+parameter-weighted mean, so every layer's sparsity lies within target ± lmbda and the parameter-weighted mean
+equals the target (for equal-sized layers, the authors' plain mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .method import ModuleResult, PruningMethod, SparsityProfile
+from .report import PruneReport
+from .wanda import wanda_scaler_update
+
+__all__ = ["OWLOptions", "OWL", "owl_layer_sparsities"]
+
+
+@dataclass
+class OWLOptions:
+    """OWL's knobs (llm-compressor calls them ``owl_m`` and ``owl_lmbda``).
+
+    Attributes:
+        m: a score is an outlier when it exceeds m × its layer's mean score.
+        lmbda: the spread: layer sparsities lie within target ± lmbda.
+    """
+
+    m: float = 5.0
+    lmbda: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not self.m > 0:
+            raise ValueError(f"OWL m must be > 0, got {self.m}")
+        if not 0 <= self.lmbda < 0.5:
+            raise ValueError(f"OWL lmbda must be in [0, 0.5), got {self.lmbda}")
+
+
+def owl_layer_sparsities(outlier_ratios: list[float], weights: list[float], target: float,
+                         lmbda: float) -> list[float]:
+    """Per-layer sparsities from outlier ratios (percent), with ``Σ w_l·s_l / Σ w_l = target``.
+
+    ``weights``: each layer's number of target parameters. Equal ratios give the target everywhere.
+    """
+    r = torch.tensor(outlier_ratios, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    spread = r.max() - r.min()
+    if spread == 0:
+        return [float(target)] * len(outlier_ratios)
+    scaled = (r - r.min()) / spread * (2 * lmbda)
+    mean = (scaled * w).sum() / w.sum()
+    out = (target - (scaled - mean)).tolist()
+    if any(not 0.0 < s < 1.0 for s in out):
+        raise ValueError(f"OWL with lmbda={lmbda} around sparsity {target} gives layer sparsities outside (0, 1): "
+                         f"{[round(s, 3) for s in out]}; lower lmbda")
+    return out
+
+
+class _OutlierRatios(PruningMethod):
+    """A measuring pass: Wanda statistics per group, then each layer's outlier ratio; weights stay dense."""
+
+    config_class = PruneConfig
+
+    def __init__(self, config: PruneConfig, m: float):
+        super().__init__(config)
+        self.m = m
+        self.ratios: dict[int, float] = {}
+        self.params: dict[int, int] = {}
+
+    def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
+        self.scaler: dict[str, torch.Tensor] = {}
+        self.nsamples: dict[str, int] = {}
+        self.seen: list[tuple[nn.Linear, str]] = []
+        self.total, self.count = 0.0, 0
+
+    def add_batch(self, group: str, x: torch.Tensor) -> None:
+        if group not in self.scaler:
+            self.scaler[group] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+            self.nsamples[group] = 0
+        self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, self.nsamples[group])
+
+    def _score(self, module: nn.Linear, group: str) -> torch.Tensor:
+        return torch.abs(module.weight.data.float()) * torch.sqrt(self.scaler[group].reshape(1, -1))
+
+    def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
+        # First sweep: the layer's mean score. The outliers are counted in end_layer, one matrix at a time, so
+        # the layer's scores are never all held at once.
+        score = self._score(module, group)
+        self.total += float(score.sum(dtype=torch.float64))
+        self.count += score.numel()
+        self.seen.append((module, group))
+        return ModuleResult()
+
+    def end_layer(self, index: int) -> None:
+        if self.count:
+            threshold = self.total / self.count * self.m
+            outliers = sum(int((self._score(mod, group) > threshold).sum()) for mod, group in self.seen)
+            self.ratios[index] = 100.0 * outliers / self.count
+            self.params[index] = self.count
+        self.scaler, self.nsamples, self.seen = {}, {}, []
+
+
+class OWL(SparsityProfile):
+    """``sparsity_profile="owl"``: per-layer sparsities from a dense measuring pass over the calibration data."""
+
+    options_class = OWLOptions
+
+    def layer_sparsities(self, model: nn.Module, ids: torch.Tensor, config: PruneConfig, *,
+                         progress: bool = True) -> tuple[list[float], dict]:
+        from .pipeline import find_decoder_layers, prune_layerwise
+
+        _, layers = find_decoder_layers(model)
+        measure = _OutlierRatios(config, self.options.m)
+        prune_layerwise(model, ids, config, measure, PruneReport("owl (measure)", {}), progress=progress)
+        measured = sorted(measure.ratios)
+        sparsities = owl_layer_sparsities([measure.ratios[i] for i in measured],
+                                          [measure.params[i] for i in measured], float(config.sparsity),
+                                          self.options.lmbda)
+        by_layer = dict(zip(measured, sparsities))
+        out = [by_layer.get(i, float(config.sparsity)) for i in range(len(layers))]
+        return out, {"m": self.options.m, "lmbda": self.options.lmbda,
+                     "outlier_ratio_pct": [measure.ratios.get(i) for i in range(len(layers))]}

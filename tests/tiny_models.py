@@ -36,3 +36,14 @@ def tiny_model(arch: str, seed: int = 0):
 
 def random_ids(n: int, seqlen: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer(vocab: int = 96):
+    """A word-level tokenizer with ``vocab`` ids (``t0`` … ``t{vocab-1}``; ``t0`` is EOS/BOS/PAD), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", bos_token="t0", pad_token="t0",
+                                   unk_token="t1")

@@ -1,0 +1,398 @@
+"""The method layer: registry, typed configs, the generic prune(), OWL, DSnoT, recipes and the generated CLI."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from _compare import assert_close
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
+
+from calibprune import make_config, prune, prune_sparsegpt_fused, prune_wanda
+from calibprune.cli import main
+from calibprune.pruning import (
+    CONFIGS,
+    METHODS,
+    MagnitudeConfig,
+    ModuleResult,
+    PruneConfig,
+    PruningMethod,
+    SparseGPTConfig,
+    WandaConfig,
+    find_decoder_layers,
+    load_recipe,
+    select_targets,
+)
+from calibprune.pruning.dsnot import DSnoTOptions, dsnot_refine
+from calibprune.pruning.owl import owl_layer_sparsities
+
+
+def _weights(model):
+    prefix, layers = find_decoder_layers(model)
+    return {f"{i}.{n}": m.weight.detach().clone() for i, layer in enumerate(layers)
+            for n, m in select_targets(layer).items()}
+
+
+# --- registry and configs ---------------------------------------------------------------------------------------
+
+def test_every_registered_method_has_its_own_config():
+    for name, cls in METHODS.items():
+        assert issubclass(cls, PruningMethod) and CONFIGS[name].method == name
+        assert make_config(name).method == name
+
+
+def test_base_config_names_no_method():
+    with pytest.raises(TypeError, match="common base"):
+        PruneConfig()
+
+
+def test_configs_are_validated_for_their_own_method_only():
+    # Wanda has no blocks: an N:M pattern whose M does not divide SparseGPT's blocksize is fine for it.
+    assert WandaConfig(pattern="3:5").prune_m == 5
+    assert MagnitudeConfig(pattern="3:5").sparsity == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="multiple of M"):
+        SparseGPTConfig(pattern="3:5")
+    with pytest.raises(ValueError, match="takes no option.*blocksize"):
+        make_config("wanda", blocksize=64)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_config("obs")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pattern="2:4", sparsity=0.9), "contradicts"),
+    (dict(sparsity_profile="owl", pattern="2:4"), "N:M pattern"),
+    (dict(sparsity_profile="owl", sparsity=[0.5, 0.6]), "not both"),
+    (dict(sparsity_profile="flat"), "unknown sparsity_profile"),
+    (dict(refine="dsnot", refine_options={"cycles": 3}), "unknown option"),
+    (dict(refine_options={"max_cycles": 3}), "without a refine"),
+    (dict(numerics="turbo"), "numerics"),
+    (dict(targets=("re:([",)), "regular expression"),
+    (dict(sparsity=[]), "must not be empty"),
+    (dict(sparsity=[0.5, 1.2]), r"sparsity must be in \(0, 1\)"),
+])
+def test_common_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WandaConfig(**kwargs)
+
+
+def test_nm_sparsity_may_be_given_exactly():
+    assert SparseGPTConfig(pattern="2:4", sparsity=0.5).sparsity == 0.5
+    assert SparseGPTConfig(pattern="2:4").sparsity == 0.5
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch):
+    """A toy method (prune the last columns) plugs into prune(), the report and the CLI's config builder."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class TailConfig(PruneConfig):
+        method = "tail"
+
+    class Tail(PruningMethod):
+        config_class = TailConfig
+        needs_calibration = False
+
+        def prune_module(self, index, name, module, group, sparsity):
+            cols = module.weight.shape[1]
+            module.weight.data[:, cols - int(cols * sparsity):] = 0
+            return ModuleResult()
+
+    monkeypatch.setitem(METHODS, "tail", Tail)
+    monkeypatch.setitem(CONFIGS, "tail", TailConfig)
+    model = tiny_model("llama")
+    report = prune(model, None, make_config("tail", sparsity=0.5))
+    assert report.method == "tail" and abs(report.sparsity - 0.5) < 0.02
+
+
+# --- checks against the model before any work --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(targets=("attn.nothing",)), ValueError, "match no Linear"),
+    (dict(pattern="5:16", blocksize=32), ValueError, r"model\.layers\.0\..* in_features"),
+    (dict(sparsity=[0.5, 0.5, 0.5]), ValueError, "3 per-layer sparsities.*2 decoder layers"),
+    (dict(device="cuda"), RuntimeError, "no CUDA device"),
+])
+def test_request_errors_leave_the_model_untouched(kwargs, exc, match):
+    if torch.cuda.is_available() and kwargs.get("device") == "cuda":
+        pytest.skip("this machine has CUDA")
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc, match=match):
+        prune_sparsegpt_fused(model, random_ids(2, 8), **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_out_of_vocabulary_ids_are_refused():
+    with pytest.raises(ValueError, match="vocabulary"):
+        prune_wanda(tiny_model("llama"), random_ids(2, 8, vocab=200))
+
+
+def test_unavailable_backend_is_refused_before_work():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="not available"):
+        prune_sparsegpt_fused(tiny_model("llama"), random_ids(2, 8), backend="cuda")
+
+
+def test_backend_an_op_lacks_falls_back_to_torch_and_says_so():
+    pytest.importorskip("calibprune._cpp")
+    report = prune_sparsegpt_fused(tiny_model("llama"), random_ids(2, 8), backend="cpp", blocksize=16)
+    assert report.resolved_backends == {"hessian_update": "torch", "obs_prune": "cpp"}
+
+
+def test_target_patterns_in_every_form():
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    rel = select_targets(layers[1], ("self_attn.*",), prefix="model.layers.1")
+    full = select_targets(layers[1], ("model.layers.1.self_attn.*",), prefix="model.layers.1")
+    regex = select_targets(layers[1], ("re:.*self_attn",), prefix="model.layers.1")
+    assert set(rel) == set(full) == set(regex) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj"}
+    assert len(select_targets(layers[0], ("Linear",), ("re:.*mlp",), prefix="model.layers.0")) == 4
+    # an old-style llm-compressor target names the decoder layers themselves
+    assert len(select_targets(layers[0], (r"re:model.layers.\d+$",), prefix="model.layers.0")) == 7
+
+
+# --- per-layer sparsity and OWL ----------------------------------------------------------------------------------
+
+def test_per_layer_sparsity_list():
+    model = tiny_model("llama")
+    report = prune_wanda(model, random_ids(4, 16), sparsity=[0.3, 0.7])
+    assert report.layer_targets == [0.3, 0.7]
+    assert report.per_layer_sparsity() == pytest.approx([0.3, 0.7], abs=0.02)
+
+
+@pytest.mark.parametrize("ratios,weights", [([1.0, 4.0, 2.0, 3.0], [1, 1, 1, 1]), ([0.5, 0.1, 0.9], [3, 1, 2])])
+def test_owl_sparsities_keep_the_weighted_mean_within_lambda(ratios, weights):
+    target, lmbda = 0.7, 0.08
+    s = owl_layer_sparsities(ratios, weights, target, lmbda)
+    assert sum(w * x for w, x in zip(weights, s)) / sum(weights) == pytest.approx(target)
+    assert max(s) - min(s) == pytest.approx(2 * lmbda)
+    # more outliers, less pruning
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i])
+    assert [s[i] for i in order] == sorted(s, reverse=True)
+
+
+def test_owl_equal_ratios_is_uniform_and_bad_lambda_is_refused():
+    assert owl_layer_sparsities([2.0, 2.0], [1, 1], 0.6, 0.08) == [0.6, 0.6]
+    with pytest.raises(ValueError, match="outside"):
+        owl_layer_sparsities([0.0, 1.0], [1, 1], 0.9, 0.2)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_owl_end_to_end(method):
+    model = tiny_model("llama")
+    config = make_config(method, sparsity=0.6, sparsity_profile="owl", profile_options={"m": 2.0, "lmbda": 0.1})
+    report = prune(model, random_ids(4, 16), config)
+    assert report.profile["name"] == "owl" and len(report.profile["outlier_ratio_pct"]) == 2
+    assert sum(report.layer_targets) / 2 == pytest.approx(0.6)
+    assert report.per_layer_sparsity() == pytest.approx(report.layer_targets, abs=0.02)
+    assert json.loads(json.dumps(report.to_dict()))["layer_targets"] == report.layer_targets
+
+
+# --- DSnoT -------------------------------------------------------------------------------------------------------
+
+def _dsnot_reference(W, Wp, mean, var, scaler, options, prune_n=0, prune_m=0):
+    """Row by row in plain Python: the swap loop of the DSnoT docstring, one row at a time."""
+    out = Wp.clone()
+    for r in range(W.shape[0]):
+        w, wp = W[r].tolist(), Wp[r].tolist()
+        pruned = [x == 0 for x in wp]
+        first_pruned = list(pruned)  # a regrown weight is never pruned again
+        err = sum((a - b) * m for a, b, m in zip(w, wp, mean.tolist()))
+        key = [w[j] * mean[j].item() / (max(var[j].item(), 1e-12) ** options.var_power) for j in range(len(w))]
+        grow = sorted([j for j in range(len(w)) if pruned[j]], key=lambda j: key[j])
+        wanda = [abs(wp[j]) * scaler[j].item() ** 0.5 for j in range(len(w))]
+        pm = [wp[j] * mean[j].item() for j in range(len(w))]
+        neg = sorted([j for j in range(len(w)) if not pruned[j] and pm[j] < 0], key=lambda j: wanda[j])
+        pos = sorted([j for j in range(len(w)) if not pruned[j] and pm[j] > 0], key=lambda j: wanda[j])
+        lo, hi, cyc = 0, len(grow) - 1, 0
+        taken = set()
+        sign0 = (err > 0) - (err < 0)
+        while cyc < options.max_cycles and abs(err) > options.update_threshold and lo <= hi:
+            cyc += 1
+            if err > 0:
+                j = grow[hi]
+                hi -= 1
+            else:
+                j = grow[lo]
+                lo += 1
+            if prune_n:
+                start = j - j % prune_m
+                cands = [k for k in range(start, start + prune_m) if not first_pruned[k] and k not in taken]
+                if not cands:
+                    break
+                k = min(cands, key=lambda k: wanda[k])
+            else:
+                lst = neg if err > 0 else pos
+                if not lst:
+                    break
+                k = lst.pop(0)
+            after = err + pm[k] - w[j] * mean[j].item()
+            if options.same_sign and (after > 0) - (after < 0) != sign0:
+                break
+            err = after
+            out[r, j], out[r, k] = W[r, j], 0.0
+            pruned[j], pruned[k] = False, True
+            taken.add(k)
+    return out
+
+
+@pytest.mark.parametrize("same_sign", [False, True], ids=["any-sign", "same-sign"])
+@pytest.mark.parametrize("prune_n,prune_m", [(0, 0), (2, 4)], ids=["unstructured", "2:4"])
+@pytest.mark.parametrize("rows,cols", [(5, 24), (9, 40)], ids=lambda v: str(v))
+def test_dsnot_matches_a_row_by_row_reference(rows, cols, prune_n, prune_m, same_sign):
+    from calibprune.pruning.masks import nm_mask, row_mask
+
+    g = torch.Generator().manual_seed(rows * cols)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64).float()
+    mean = torch.randn(cols, generator=g).float() * 3
+    var = torch.rand(cols, generator=g).float() + 0.5
+    scaler = torch.rand(cols, generator=g).float() + 0.1
+    score = W.abs() * scaler.sqrt()
+    mask = nm_mask(score, prune_n, prune_m) if prune_n else row_mask(score, 0.5)
+    Wp = W.masked_fill(mask, 0)
+    options = DSnoTOptions(max_cycles=6, update_threshold=0.05, same_sign=same_sign, skip=())
+    got, info = dsnot_refine(W, Wp, mean, var, scaler, options, prune_n, prune_m)
+    want = _dsnot_reference(W, Wp, mean, var, scaler, options, prune_n, prune_m)
+    assert_close(got, want, rtol=0, atol=0, name="DSnoT weights")
+    assert torch.equal((got == 0).sum(1), (Wp == 0).sum(1))
+    if prune_n:
+        assert torch.all((got == 0).reshape(rows, -1, prune_m).sum(-1) == prune_n)
+    assert info["swaps"] > 0
+    if same_sign:  # every accepted swap keeps the error's sign, so its size cannot grow past the start
+        before = ((W - Wp) * mean).sum(1)
+        after = ((W - got) * mean).sum(1)
+        assert torch.all(torch.sign(after) * torch.sign(before) >= 0)
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+def test_dsnot_after_a_method_keeps_the_sparsity(base):
+    ids = random_ids(4, 16)
+    plain = prune(tiny_model("llama"), ids, make_config(base, sparsity=0.6))
+    config = make_config(base, sparsity=0.6, refine="dsnot", refine_options={"skip": ()})
+    model = tiny_model("llama")
+    report = prune(model, ids, config)
+    assert [r.sparsity for r in report.modules] == [r.sparsity for r in plain.modules]
+    assert all(r.extra and "dsnot" in r.extra for r in report.modules)
+    assert sum(r.extra["dsnot"]["swaps"] for r in report.modules) > 0
+    skipped = prune(tiny_model("llama"), ids, make_config(base, sparsity=0.6, refine="dsnot"))
+    assert {r.name for r in skipped.modules if r.extra["dsnot"] == "skipped"} == {"mlp.gate_proj", "mlp.up_proj",
+                                                                                    "mlp.down_proj"}
+
+
+# --- numerics="fast" ---------------------------------------------------------------------------------------------
+
+def test_fast_numerics_prunes_to_the_same_quality():
+    model = tiny_model("llama")
+    ids = random_ids(8, 32, seed=3)
+    ref = prune_sparsegpt_fused(copy.deepcopy(model), ids, sparsity=0.5, blocksize=16)
+    fast = prune_sparsegpt_fused(copy.deepcopy(model), ids, sparsity=0.5, blocksize=16, numerics="fast")
+    assert abs(fast.sparsity - 0.5) < 0.01
+    if fast.resolved_backends.get("forwards") is None:
+        pytest.skip("this CPU has no native bf16: fast numerics changes nothing in the forwards")
+    err_ref = sum(r.recon_error for r in ref.modules)
+    err_fast = sum(r.recon_error for r in fast.modules)
+    assert err_fast == pytest.approx(err_ref, rel=0.05)
+
+
+# --- recipes -----------------------------------------------------------------------------------------------------
+
+RECIPE = """
+sparsity_stage:
+  run_type: oneshot
+  sparsity_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      mask_structure: "2:4"
+      block_size: 64
+      dampening_frac: 0.02
+      targets: ["Linear"]
+      ignore: ["re:.*lm_head", "re:.*down_proj"]
+"""
+
+
+def test_recipe_fields_map_onto_the_config():
+    config = load_recipe(RECIPE)
+    assert isinstance(config, SparseGPTConfig)
+    assert (config.pattern, config.blocksize, config.percdamp, config.sparsity) == ("2:4", 64, 0.02, 0.5)
+    assert config.targets == () and config.ignore == ("re:.*lm_head", "re:.*down_proj")
+    owl = load_recipe({"s_stage": {"sparsity_modifiers": {"WandaPruningModifier": {
+        "sparsity": 0.7, "sparsity_profile": "OWL", "owl_m": 7, "owl_lmbda": 0.05}}}}, batch_size=2)
+    assert isinstance(owl, WandaConfig) and owl.profile_options.m == 7 and owl.batch_size == 2
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"s_stage": {"m_modifiers": {"GPTQModifier": {}}}}, "cannot run.*GPTQModifier"),
+    ({"s_stage": {"m_modifiers": {"SparseGPTModifier": {"sparsity": 0.5, "blocksize": 64}}}},
+     r"unknown field\(s\) \['blocksize'\]"),
+    ({"s_stage": {"m_modifiers": {"SparseGPTModifier": {}, "WandaPruningModifier": {}}}}, "2 pruning modifiers"),
+    ({"s_stage": {"m_modifiers": {"WandaPruningModifier": {"owl_m": 5}}}}, "without sparsity_profile"),
+    ({"s_stage": {"m_modifiers": {"SparseGPTModifier": {"preserve_sparsity_mask": True}}}}, "not supported"),
+    ({"s_stage": {"run_type": "train"}}, "oneshot only"),
+    ({"weird": 1}, "unknown top-level key"),
+    ({}, "no modifier"),
+])
+def test_recipe_errors_name_the_culprit(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        load_recipe(recipe)
+
+
+# --- the generated CLI, end to end on a saved tiny model ---------------------------------------------------------
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    from calibprune import CalibrationSet
+
+    CalibrationSet(ids=random_ids(4, 16), provenance={"kind": "test"}).save(tmp_path / "calib.pt")
+    return tmp_path
+
+
+def _run(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr()
+
+
+def test_cli_recipe_end_to_end(tiny_checkpoint, capsys):
+    recipe = tiny_checkpoint / "recipe.yaml"
+    recipe.write_text(RECIPE.replace('mask_structure: "2:4"', 'mask_structure: "0:0"').replace("block_size: 64",
+                                                                                               "block_size: 16"))
+    out = tiny_checkpoint / "out"
+    code, cap = _run(["prune", "--model", str(tiny_checkpoint / "tiny"), "--calib", str(tiny_checkpoint / "calib.pt"),
+                      "--recipe", str(recipe), "--batch-size", "2", "--no-eval", "--out", str(out)], capsys)
+    assert code == 0, cap.err
+    sidecar = json.loads((out / "calibprune.json").read_text())
+    config = sidecar["report"]["config"]
+    assert config["method"] == "sparsegpt" and config["blocksize"] == 16 and config["batch_size"] == 2
+    assert {m["name"] for m in sidecar["report"]["modules"]} == {"self_attn.q_proj", "self_attn.k_proj",
+                                                                 "self_attn.v_proj", "self_attn.o_proj",
+                                                                 "mlp.gate_proj", "mlp.up_proj"}
+
+
+def test_cli_owl_and_dsnot(tiny_checkpoint, capsys):
+    out = tiny_checkpoint / "out"
+    code, cap = _run(["prune", "--model", str(tiny_checkpoint / "tiny"), "--calib", str(tiny_checkpoint / "calib.pt"),
+                      "--method", "wanda", "--sparsity-profile", "owl", "--owl-m", "2", "--owl-lmbda", "0.1",
+                      "--refine", "dsnot", "--dsnot-skip", "--no-eval", "--out", str(out)], capsys)
+    assert code == 0, cap.err
+    report = json.loads((out / "calibprune.json").read_text())["report"]
+    assert report["config"]["profile_options"] == {"m": 2.0, "lmbda": 0.1}
+    assert report["config"]["refine_options"]["skip"] == []
+    assert len(set(report["layer_targets"])) == 2 and "per layer" in cap.out
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "wanda", "--blocksize", "64"], "--blocksize is not an option of method wanda"),
+    (["--owl-m", "3"], "--owl-m needs --sparsity-profile owl"),
+    (["--dsnot-max-cycles", "3"], "needs --refine dsnot"),
+    (["--recipe", "r.yaml", "--sparsity", "0.5"], "--recipe sets --sparsity"),
+    (["--pattern", "2:4", "--sparsity", "0.9"], "contradicts"),
+])
+def test_cli_option_errors(tmp_path, capsys, extra, match):
+    code, cap = _run(["prune", "--model", "smollm2-135m", "--out", str(tmp_path / "o"), *extra], capsys)
+    assert code == 2 and match in cap.err, cap.err
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._io import normal_dir_mode, pid_alive, probe_writable
+from .models import source_fingerprint
 from .provenance import provenance
 from .pruning.report import PruneReport
 
@@ -170,7 +171,8 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: Pru
     Everything is written into a staging folder beside ``out`` that replaces ``out`` only when complete (see
     the module docstring), so an interrupted save leaves the previous output, never a half-written one. Refuses
     a model holding NaN/Inf (:class:`NonFiniteWeightsError`, naming the tensors) before writing anything. The
-    sidecar records the report, provenance and the command line. The checkpoint reloads with
+    sidecar records the report, provenance, the command line and, for a model from :func:`load_model`, what it
+    was loaded from with the sha256 of its files. The checkpoint reloads with
     ``AutoModelForCausalLM``. Dense rather than 2:4-compressed storage: vLLM no longer loads sparse 2:4 checkpoints.
     """
     out = check_output_dir(out, overwrite=overwrite)
@@ -184,7 +186,11 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: Pru
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        sidecar = {"report": report.to_dict(), "provenance": provenance(), "command": list(sys.argv)} | (extra or {})
+        sidecar = {"report": report.to_dict(), "provenance": provenance(), "command": list(sys.argv)}
+        source = source_fingerprint(model)
+        if source is not None:
+            sidecar["source_model"] = source
+        sidecar |= extra or {}
         _write_sidecar(tmp, sidecar)
         _swap_in(tmp, parent / out.name)
     except BaseException:

@@ -212,12 +212,12 @@ def _read_json(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _save_calibration(calib: CalibrationSet, path: Path) -> None:
-    """Write ``<path>.pt`` + ``<path>.json`` so that a ``.pt`` on disk always has its provenance beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.pt")
-    calib.save(tmp)
-    os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
-    os.replace(tmp, path)
+    """Write ``<path>.pt`` + ``<path>.json`` so that a ``.pt`` on disk always has its provenance beside it.
+
+    ``CalibrationSet.save`` writes each file atomically, the ``.json`` first, so two runs of the same study that
+    build the same set at once both succeed (a fixed temporary name here used to make them collide).
+    """
+    calib.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -213,3 +213,32 @@ def test_non_finite_weights_never_saved(tmp_path, bad):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
         save_pruned(model, None, out, _report())
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+# -- provenance: where the model came from, with file hashes, and the command line ---------------------------------
+
+def test_sidecar_records_source_model_hashes_and_command(tmp_path, monkeypatch):
+    import hashlib
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from calibprune.models import load_model
+
+    src = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(src)
+    vocab = {f"w{i}": i for i in range(95)} | {"<unk>": 95}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(src)
+    model, _ = load_model(str(src))
+    monkeypatch.setattr("sys.argv", ["calibprune", "prune", "--model", str(src), "--out", "x"])
+    out = save_pruned(model, None, tmp_path / "out", _report())
+    sidecar = json.loads((out / SIDECAR).read_text())
+    assert sidecar["command"] == ["calibprune", "prune", "--model", str(src), "--out", "x"]
+    source = sidecar["source_model"]
+    assert source["kind"] == "local" and source["hash"] == "sha256"
+    weights = src / "model.safetensors"
+    assert source["files"]["model.safetensors"] == {"bytes": weights.stat().st_size,
+                                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert "config.json" in source["files"]

@@ -2,8 +2,9 @@
 
 A pool is what a generator drew from the model before any filtering or selection (token ids plus per-sample
 labels and perplexities), so a second ``self_cal`` / ``sgs`` / ``igsp`` call with the same model, settings and seed
-loads it instead of generating again. Files are written atomically (temporary file in the same folder, then
-``os.replace``), so an interrupted write never leaves a truncated pool behind.
+loads it instead of generating again. Files are written atomically (temporary file in the same folder, fsync, then
+``os.replace``), so an interrupted write never leaves a truncated pool behind, and two processes writing the same
+pool at once both succeed.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._io import atomic_write
 
 __all__ = ["default_pool_dir", "model_identity", "pool_key", "pool_path", "load_pool", "save_pool"]
 
@@ -79,15 +81,11 @@ def load_pool(path: Path) -> dict[str, Any] | None:
 
 
 def save_pool(path: Path, pool: dict[str, Any]) -> Path:
-    """Write ``pool`` (tensors, lists, dicts of plain values) to ``path`` atomically; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(pool, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``pool`` (tensors, lists, dicts of plain values) to ``path`` atomically; returns ``path``.
+
+    Two processes that generated the same pool (same key: same model, settings and seed) may both save it: each
+    write is complete before it replaces the file, so both succeed and the file always holds one whole pool.
+    """
+    atomic_write(path, lambda fh: torch.save(pool, fh))
     log.info("saved generated pool to %s", path)
     return path

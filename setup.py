@@ -7,25 +7,40 @@ The Python package always installs. Native extensions are optional and built onl
 
 Environment switches (``auto`` unless set):
 
-* ``CALIBPRUNE_BUILD_CPP=0|1``   skip / force the C++ CPU extension.
-* ``CALIBPRUNE_BUILD_CUDA=0|1``  skip / force the CUDA extension (force fails loudly if it cannot build).
-* ``TORCH_CUDA_ARCH_LIST``       architectures for the CUDA build (default ``8.0;9.0``).
+* ``CALIBPRUNE_BUILD_CPP=0|1``   skip / force the C++ CPU extension (force fails the install if it cannot build).
+* ``CALIBPRUNE_BUILD_CUDA=0|1``  skip / force the CUDA extension (likewise).
+* ``TORCH_CUDA_ARCH_LIST``       architectures for the CUDA build (default ``8.0;9.0+PTX``: sm_80 and sm_90 code,
+  plus sm_90 PTX that newer GPUs compile at load).
+* ``CALIBPRUNE_PTXAS_VERBOSE=1`` pass ``-Xptxas=-v`` (registers, spills, shared memory per kernel) to nvcc.
 
-Torch must already be installed (``pip install --no-build-isolation .``) for the extensions to build; without it,
-or when a build fails in ``auto`` mode, the install still succeeds and the Triton/torch backends serve.
+The C++ standard is not set here: torch's ``BuildExtension`` adds the one its headers need (C++20 from torch 2.13;
+hard-coding C++17 broke the build on torch >= 2.14). Torch must already be installed (``pip install
+--no-build-isolation .``) for the extensions to build. In ``auto`` mode a failed build does not fail the install:
+it prints a banner, and records the failure in ``calibprune/_build_status.json``, which the runtime reads to say in
+its first fallback log line which extension is missing and why.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import glob
-import logging
+import json
 import os
 import sys
+import textwrap
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-log = logging.getLogger("calibprune.setup")
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Flags of record: .ci/check_cuda.sh reads these three assignments (keep them literal).
+CXX_FLAGS = ["-O3", "-fopenmp"]
+# No --use_fast_math: the OBS kernel claims the reference's exact arithmetic (fast math flushes denormals and
+# approximates division), and no other kernel here has a transcendental or divide hot spot where it would pay.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+STATUS_NAME = "_build_status.json"
 
 
 def _switch(name: str) -> str:
@@ -35,8 +50,24 @@ def _switch(name: str) -> str:
     return value
 
 
-def _extensions() -> tuple[list, type[build_ext]]:
+def _banner(ext_name: str, exc: BaseException, switch: str) -> str:
+    detail = textwrap.indent(textwrap.shorten(str(exc) or type(exc).__name__, 600), "    ")
+    line = "!" * 100
+    return (f"\n{line}\n"
+            f"WARNING: the optional native extension {ext_name} FAILED TO BUILD; calibprune is installed without it.\n"
+            f"{detail}\n"
+            f"  The {'cpp' if ext_name.endswith('_cpp') else 'cuda'} backend is unavailable: backend='auto' falls "
+            "back to the torch/Triton backends (slower), and an explicit backend raises.\n"
+            f"  Diagnose: {switch}=1 pip install -v --no-build-isolation -e .   (forces the build and shows the "
+            "compiler's full error)\n"
+            f"  Skip it quietly: {switch}=0.   Check what the runtime sees: python -c \"import calibprune.ops as o; "
+            "print(o.available_backends('cpu'))\"\n"
+            f"{line}\n")
+
+
+def _extensions() -> tuple[list, type[build_ext], dict]:
     cpp_switch, cuda_switch = _switch("CALIBPRUNE_BUILD_CPP"), _switch("CALIBPRUNE_BUILD_CUDA")
+    status: dict = {}
     try:
         import torch
         from torch.utils import cpp_extension
@@ -44,46 +75,77 @@ def _extensions() -> tuple[list, type[build_ext]]:
         if "1" in (cpp_switch, cuda_switch):
             raise SystemExit("native extensions were forced but torch is not importable in the build environment; "
                              "install torch first and use pip install --no-build-isolation") from None
-        return [], build_ext
+        reason = "torch was not importable at build time (use pip install --no-build-isolation)"
+        status = {name: {"status": "skipped", "reason": reason} for name in ("calibprune._cpp", "calibprune._cuda")}
+        return [], build_ext, status
 
+    status["torch"] = torch.__version__
     forced: set[str] = set()
     exts = []
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if cpp_switch != "0" and cpp_sources:
-        exts.append(cpp_extension.CppExtension(
-            "calibprune._cpp", cpp_sources,
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17"], extra_link_args=["-fopenmp"]))
+    if cpp_switch == "0":
+        status["calibprune._cpp"] = {"status": "skipped", "reason": "CALIBPRUNE_BUILD_CPP=0"}
+    elif cpp_sources:
+        exts.append(cpp_extension.CppExtension("calibprune._cpp", cpp_sources, extra_compile_args=list(CXX_FLAGS),
+                                               extra_link_args=["-fopenmp"]))
         if cpp_switch == "1":
             forced.add("calibprune._cpp")
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
                           + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     has_cuda_toolchain = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    if cuda_sources and (cuda_switch == "1" or (cuda_switch == "auto" and has_cuda_toolchain)):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        exts.append(cpp_extension.CUDAExtension(
-            "calibprune._cuda", cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]}))
+    if cuda_switch == "0":
+        status["calibprune._cuda"] = {"status": "skipped", "reason": "CALIBPRUNE_BUILD_CUDA=0"}
+    elif cuda_sources and (cuda_switch == "1" or has_cuda_toolchain):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        nvcc = list(NVCC_FLAGS)
+        if os.environ.get("CALIBPRUNE_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        exts.append(cpp_extension.CUDAExtension("calibprune._cuda", cuda_sources,
+                                                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
+        status["cuda_arch_list"] = os.environ["TORCH_CUDA_ARCH_LIST"]
         if cuda_switch == "1":
             forced.add("calibprune._cuda")
+    else:
+        why = ("torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA toolkit found (CUDA_HOME / nvcc)")
+        status["calibprune._cuda"] = {"status": "skipped", "reason": f"auto mode: {why}"}
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Builds each extension; in auto mode a failure is a warning, never a failed install."""
+        """Builds each extension; in auto mode a failure is a loud banner and a recorded status, never a failed
+        install. The status file lands next to the built extensions (in the source tree for editable installs)."""
+
+        def run(self):
+            try:
+                super().run()
+            finally:
+                self._write_status()
 
         def build_extension(self, ext):
+            switch = "CALIBPRUNE_BUILD_CPP" if ext.name.endswith("_cpp") else "CALIBPRUNE_BUILD_CUDA"
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any compiler failure
+                status[ext.name] = {"status": "failed", "error": textwrap.shorten(str(exc) or repr(exc), 400),
+                                    "switch": switch}
                 if ext.name in forced:
                     raise
-                sys.stderr.write(f"WARNING: optional extension {ext.name} was not built ({exc}); "
-                                 "calibprune falls back to its torch/Triton backends.\n")
+                sys.stderr.write(_banner(ext.name, exc, switch))
+                sys.stderr.flush()
+            else:
+                status[ext.name] = {"status": "built"}
 
-    return exts, OptionalBuildExt.with_options(use_ninja=os.environ.get("CALIBPRUNE_USE_NINJA", "1") == "1")
+        def _write_status(self):
+            status["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            target = os.path.dirname(self.get_ext_fullpath("calibprune._status"))
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, STATUS_NAME), "w") as fh:
+                json.dump(status, fh, indent=1, sort_keys=True)
+
+    return exts, OptionalBuildExt.with_options(use_ninja=os.environ.get("CALIBPRUNE_USE_NINJA", "1") == "1"), status
 
 
-ext_modules, build_ext_cls = _extensions()
+ext_modules, build_ext_cls, _status = _extensions()
 
 setup(
     packages=find_packages(include=["calibprune", "calibprune.*"]) + ["calibprune.kernels"],

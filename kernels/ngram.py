@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch_guard, same_device
+
 __all__ = ["ngram_hashes_triton"]
 
 _BLOCK = 1024
@@ -63,6 +65,7 @@ def ngram_hashes_triton(ids: torch.Tensor, token_mask: torch.Tensor | None, n: i
     if windows:
         mask = ids if token_mask is None else token_mask.contiguous().view(torch.uint8)
         grid = (triton.cdiv(windows, _BLOCK),)
-        _ngram_hash_kernel[grid](ids, mask, hashes, valid, windows, m, t, N=n, WIDTH=64 // n, EXACT=exact,
-                                 HAS_MASK=token_mask is not None, BLOCK=_BLOCK)
+        with launch_guard(same_device(ids, mask)):
+            _ngram_hash_kernel[grid](ids, mask, hashes, valid, windows, m, t, N=n, WIDTH=64 // n, EXACT=exact,
+                                     HAS_MASK=token_mask is not None, BLOCK=_BLOCK)
     return hashes, valid.view(torch.bool)

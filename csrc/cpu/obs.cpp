@@ -3,29 +3,47 @@
 // Frantar & Alistarh (2023), Alg. 1, numerics of IST-DASLab fasterprune kept exactly. Inside a column block the
 // rows are independent: each row runs the whole sequential column loop on its own contiguous slice of W, so rows
 // are spread over threads and each row's rank-1 update w[i+1:] -= err·U[i, i+1:] is a unit-stride, vectorisable
-// loop. The trailing columns get one fp32 GEMM per block (at::addmm_), exactly like the torch path.
+// loop. The trailing columns get one fp32 GEMM per block, then a subtraction, exactly like the torch path
+// (fused_trailing: one addmm_, numerics="fast").
 //
 // Bitwise agreement with the reference: scores are w·w/(d·d) like torch's W1²/diag²; the rank-1 update is one
 // rounded product then one rounded subtraction (what the reference's k=1 matmul followed by -= does), so no FMA
 // contraction is possible in it; a pruned-away update with err == 0 is skipped because w − 0·u == w exactly.
+// N:M ties are broken exactly as the reference's torch.topk(largest=False) on CPU does (see mark_smallest).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
 
-// Marks the n smallest of s[0..m) (ties: lower index first, like a stable sort).
-inline void mark_smallest(const float* s, int64_t m, int64_t n, uint8_t* out) {
-  for (int64_t a = 0; a < m; ++a) {
-    int64_t rank = 0;
-    for (int64_t b = 0; b < m; ++b) rank += (s[b] < s[a]) || (s[b] == s[a] && b < a);
-    out[a] = rank < n;
+// Marks the k smallest of s[0..m), exactly as the reference's torch.topk(s, k, largest=False) on CPU chooses them
+// (ATen TopKImpl.h): (score, index) pairs in index order, std::partial_sort when k·64 <= m, else std::nth_element
+// at k − 1, compared by score alone with NaN last; the first k pairs after that are the chosen ones. On an exact
+// tie this keeps no fixed index order (it is whatever the selection algorithm leaves in front), so the same
+// algorithm on the same pairs is the only way to agree with the reference.
+using TopkElem = std::pair<double, int64_t>;  // ATen uses acc_type<float> = double; the order is the same
+
+inline bool topk_smaller(const TopkElem& x, const TopkElem& y) {
+  return (!std::isnan(x.first) && std::isnan(y.first)) || (x.first < y.first);
+}
+
+inline void mark_smallest(const float* s, int64_t m, int64_t k, uint8_t* out, std::vector<TopkElem>& queue) {
+  queue.resize(m);
+  for (int64_t j = 0; j < m; ++j) queue[j] = {static_cast<double>(s[j]), j};
+  if (k * 64 <= m) {
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), topk_smaller);
+  } else {
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), topk_smaller);
   }
+  for (int64_t j = 0; j < m; ++j) out[j] = 0;
+  for (int64_t j = 0; j < k; ++j) out[queue[j].second] = 1;
 }
 
 // w[0..len) -= err * u[0..len), one rounding per operation (no FMA), unit stride.
@@ -43,12 +61,14 @@ inline void axpy_sub(float* __restrict w, const float* __restrict u, float err, 
 float prune_row(float* __restrict w, const float* __restrict U1, int64_t ldu, int64_t count, const float* dsq,
                 int64_t prune_n, int64_t prune_m, uint8_t* __restrict m, float* __restrict e) {
   float sq = 0.f;
-  float score[64];
+  thread_local std::vector<float> score;
+  thread_local std::vector<TopkElem> queue;
   for (int64_t i = 0; i < count; ++i) {
     if (prune_n != 0 && i % prune_m == 0) {
       const int64_t len = std::min(prune_m, count - i);
+      score.resize(len);
       for (int64_t k = 0; k < len; ++k) score[k] = w[i + k] * w[i + k] / dsq[i + k];
-      mark_smallest(score, len, std::min(prune_n, len), m + i);
+      mark_smallest(score.data(), len, std::min(prune_n, len), m + i, queue);
     }
     const float d = U1[i * ldu + i];
     const float err = m[i] ? w[i] / d : 0.f;
@@ -64,17 +84,20 @@ float prune_row(float* __restrict w, const float* __restrict U1, int64_t ldu, in
 }
 
 std::tuple<at::Tensor, at::Tensor> obs_prune_cpu(at::Tensor W, const at::Tensor& U, double sparsity, int64_t prune_n,
-                                                 int64_t prune_m, int64_t blocksize) {
+                                                 int64_t prune_m, int64_t blocksize, bool fused_trailing) {
   TORCH_CHECK(W.device().is_cpu() && U.device().is_cpu(), "obs_prune (cpp): W and U must be on CPU");
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat, "obs_prune (cpp): W must be a 2-D fp32 matrix");
   const int64_t rows = W.size(0), cols = W.size(1);
   TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols && U.scalar_type() == at::kFloat,
               "obs_prune (cpp): U must be [cols, cols] fp32");
   TORCH_CHECK(blocksize >= 1, "obs_prune (cpp): blocksize must be >= 1");
-  TORCH_CHECK(prune_n == 0 || (0 < prune_n && prune_n < prune_m && prune_m <= 64),
-              "obs_prune (cpp): N:M needs 0 < n < m <= 64");
+  TORCH_CHECK(prune_n == 0 || (0 < prune_n && prune_n < prune_m), "obs_prune (cpp): N:M needs 0 < n < m");
+  if (rows == 0 || cols == 0)
+    return {at::zeros({rows, cols}, W.options().dtype(at::kBool)), at::zeros({rows}, W.options())};
 
-  // Work on a contiguous buffer; write back at the end if W is a strided view.
+  // Work on a contiguous buffer; write back at the end if W is a strided view. The row loop reads a row-major copy
+  // of U; the trailing GEMM uses U itself: its layout (column-major from LAPACK) is what the reference's GEMM sees,
+  // and the GEMM's rounding depends on it.
   at::Tensor Wc = W.contiguous();
   const at::Tensor Uc = U.contiguous();
   at::Tensor mask = at::empty({rows, cols}, W.options().dtype(at::kBool));
@@ -133,7 +156,13 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cpu(at::Tensor W, const at::Tensor&
     if (i2 < cols) {
       // Err holds this block's errors as a dense [rows, count] matrix (row stride count).
       const at::Tensor Err1 = Err.view({-1}).narrow(0, 0, rows * count).view({rows, count});
-      Wc.narrow(1, i2, cols - i2).addmm_(Err1, Uc.narrow(0, i1, count).narrow(1, i2, cols - i2), 1.0, -1.0);
+      at::Tensor W2 = Wc.narrow(1, i2, cols - i2);
+      const at::Tensor U12 = U.narrow(0, i1, count).narrow(1, i2, cols - i2);
+      if (fused_trailing) {
+        W2.addmm_(Err1, U12, 1.0, -1.0);
+      } else {
+        W2.sub_(at::mm(Err1, U12));  // product, then subtraction: the reference's two roundings
+      }
     }
   }
   if (!W.is_contiguous()) W.copy_(Wc);
@@ -143,8 +172,8 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cpu(at::Tensor W, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(calibprune_cpp, m) {
-  m.def("obs_prune(Tensor(a!) W, Tensor U, float sparsity, int prune_n, int prune_m, int blocksize) "
-        "-> (Tensor, Tensor)");
+  m.def("obs_prune(Tensor(a!) W, Tensor U, float sparsity, int prune_n, int prune_m, int blocksize, "
+        "bool fused_trailing=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(calibprune_cpp, CPU, m) { m.impl("obs_prune", &obs_prune_cpu); }

@@ -1,8 +1,10 @@
-// hessian_update, CUDA backend: torch.ops.calibprune_cuda.hessian_update(H, X, beta, alpha).
+// hessian_update, CUDA backend: torch.ops.calibprune_cuda.hessian_update(H, X, beta, alpha, upper_only).
 //
 // H ← β·H + α·XᵀX for X: [tokens, d] (fp32 / bf16 / fp16), H: [d, d] fp32, as a symmetric rank-k update (SYRK):
 // a 2-D grid of 64×64 output tiles where only programs with tile row <= tile column work (about half the flops of a
-// GEMM); each writes its tile and the tile's mirror below the diagonal, so H stays exactly symmetric.
+// GEMM); each writes its tile and the tile's mirror below the diagonal, so H stays exactly symmetric. With
+// upper_only (numerics="fast") the mirror is skipped; calibprune.ops.hessian_finalize mirrors once at the end.
+// All index arithmetic is 64-bit (X reaches 2^31 elements at 128×2048 tokens of a 14336-wide layer).
 //   * fp32 X: shared-memory tiling, 256 threads × a 4×4 register micro-tile, fp32 FMA (no TF32: the reference
 //     numerics are plain fp32).
 //   * bf16 / fp16 X: WMMA 16×16×16 tensor-core fragments with fp32 accumulators (bf16 needs sm_80+).
@@ -28,8 +30,8 @@ constexpr int kPad = 8;     // shared-memory row padding (keeps WMMA ldm a multi
 // β·H + α·acc for one tile, from a shared [kTile][kTile + 4] fp32 accumulator: the upper part (r <= c) in place,
 // then the mirror (c < r) below the diagonal from the same shared values, so H stays exactly symmetric. Both
 // passes write consecutive columns of H from consecutive threads.
-__device__ __forceinline__ void write_tile(float* __restrict__ H, int64_t d, int m0, int n0, float beta, float alpha,
-                                           float (*acc)[kTile + 4]) {
+__device__ __forceinline__ void write_tile(float* __restrict__ H, int64_t d, int64_t m0, int64_t n0, float beta,
+                                           float alpha, float (*acc)[kTile + 4], bool upper_only) {
   for (int idx = threadIdx.x; idx < kTile * kTile; idx += blockDim.x) {
     const int a = idx / kTile, b = idx % kTile;
     const int64_t r = m0 + a, c = n0 + b;
@@ -39,6 +41,7 @@ __device__ __forceinline__ void write_tile(float* __restrict__ H, int64_t d, int
       acc[a][b] = out;  // each thread rewrites only its own element
     }
   }
+  if (upper_only) return;
   __syncthreads();
   for (int idx = threadIdx.x; idx < kTile * kTile; idx += blockDim.x) {
     const int a = idx / kTile, b = idx % kTile;
@@ -47,17 +50,18 @@ __device__ __forceinline__ void write_tile(float* __restrict__ H, int64_t d, int
   }
 }
 
-__device__ __forceinline__ bool upper_tile(int& m0, int& n0) {
+__device__ __forceinline__ bool upper_tile(int64_t& m0, int64_t& n0) {
   if (blockIdx.y > blockIdx.x) return false;
-  m0 = blockIdx.y * kTile;
-  n0 = blockIdx.x * kTile;
+  m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  n0 = static_cast<int64_t>(blockIdx.x) * kTile;
   return true;
 }
 
 // fp32 path. Thread (ty, tx) of a 16×16 grid owns rows ty + 16i and columns tx + 16j (i, j < 4) of the tile.
 __global__ void __launch_bounds__(kThreads) syrk_f32_kernel(float* __restrict__ H, const float* __restrict__ X,
-                                                            int64_t tokens, int64_t d, float beta, float alpha) {
-  int m0, n0;
+                                                            int64_t tokens, int64_t d, float beta, float alpha,
+                                                            bool upper_only) {
+  int64_t m0, n0;
   if (!upper_tile(m0, n0)) return;
   __shared__ float As[kK][kTile + 4];
   __shared__ float Bs[kK][kTile + 4];
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) syrk_f32_kernel(float* __restrict__ 
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc_s[ty + 16 * i][tx + 16 * j] = acc[i][j];
   __syncthreads();
-  write_tile(H, d, m0, n0, beta, alpha, acc_s);
+  write_tile(H, d, m0, n0, beta, alpha, acc_s, upper_only);
 }
 
 template <typename T>
@@ -106,10 +110,11 @@ __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.f); 
 // col_major) and X's tile in row-major order (matrix_b, row_major).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) syrk_wmma_kernel(float* __restrict__ H, const T* __restrict__ X,
-                                                             int64_t tokens, int64_t d, float beta, float alpha) {
+                                                             int64_t tokens, int64_t d, float beta, float alpha,
+                                                             bool upper_only) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
-  int m0, n0;
+  int64_t m0, n0;
   if (!upper_tile(m0, n0)) return;
   __shared__ __align__(32) T As[kK][kTile + kPad];
   __shared__ __align__(32) T Bs[kK][kTile + kPad];
@@ -141,11 +146,11 @@ __global__ void __launch_bounds__(kThreads) syrk_wmma_kernel(float* __restrict__
 #pragma unroll
   for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(&acc_s[wm][wn + 16 * j], c[j], kTile + 4, wmma::mem_row_major);
   __syncthreads();
-  write_tile(H, d, m0, n0, beta, alpha, acc_s);
+  write_tile(H, d, m0, n0, beta, alpha, acc_s, upper_only);
 #endif
 }
 
-void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double alpha) {
+void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double alpha, bool upper_only) {
   TORCH_CHECK(H.is_cuda() && X.is_cuda() && H.device() == X.device(), "hessian_update (cuda): H and X on one GPU");
   TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1) && H.scalar_type() == at::kFloat && H.is_contiguous(),
               "hessian_update (cuda): H must be a contiguous square fp32 matrix");
@@ -153,13 +158,15 @@ void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double 
   CALIBPRUNE_GUARD_AND_STREAM(H);
   const at::Tensor Xc = X.contiguous();
   const int64_t tokens = Xc.size(0), d = Xc.size(1);
-  if (d == 0) return;
+  if (d == 0) return;  // a zero-size grid is not a valid launch
   const int tiles = static_cast<int>((d + kTile - 1) / kTile);
+  TORCH_CHECK(tiles <= 65535, "hessian_update (cuda): d = ", d, " is too wide for one launch");
   const dim3 grid(tiles, tiles);
   const float b = static_cast<float>(beta), a = static_cast<float>(alpha);
   switch (Xc.scalar_type()) {
     case at::kFloat:
-      syrk_f32_kernel<<<grid, kThreads, 0, stream>>>(H.data_ptr<float>(), Xc.data_ptr<float>(), tokens, d, b, a);
+      syrk_f32_kernel<<<grid, kThreads, 0, stream>>>(H.data_ptr<float>(), Xc.data_ptr<float>(), tokens, d, b, a,
+                                                      upper_only);
       break;
     case at::kBFloat16:
     case at::kHalf: {
@@ -169,10 +176,11 @@ void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double 
       TORCH_CHECK(major >= 8, "hessian_update (cuda): 16-bit inputs need sm_80 or newer; upcast X to fp32");
       if (Xc.scalar_type() == at::kBFloat16)
         syrk_wmma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-            H.data_ptr<float>(), reinterpret_cast<const __nv_bfloat16*>(Xc.data_ptr<at::BFloat16>()), tokens, d, b, a);
+            H.data_ptr<float>(), reinterpret_cast<const __nv_bfloat16*>(Xc.data_ptr<at::BFloat16>()), tokens, d, b, a,
+            upper_only);
       else
         syrk_wmma_kernel<__half><<<grid, kThreads, 0, stream>>>(
-            H.data_ptr<float>(), reinterpret_cast<const __half*>(Xc.data_ptr<at::Half>()), tokens, d, b, a);
+            H.data_ptr<float>(), reinterpret_cast<const __half*>(Xc.data_ptr<at::Half>()), tokens, d, b, a, upper_only);
       break;
     }
     default:
@@ -184,7 +192,7 @@ void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double beta, double 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(calibprune_cuda, m) {
-  m.def("hessian_update(Tensor(a!) H, Tensor X, float beta, float alpha) -> ()");
+  m.def("hessian_update(Tensor(a!) H, Tensor X, float beta, float alpha, bool upper_only=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(calibprune_cuda, CUDA, m) { m.impl("hessian_update", &hessian_update_cuda); }

@@ -4,11 +4,12 @@
 // column block. Inside a block the rows are independent: a warp owns one row at a time and keeps the row's slice of
 // the block in registers (lane l holds columns l, l + 32, …), the thread block stages the block's U tile in shared
 // memory once for all its warps, and the sequential column loop runs entirely on chip. The trailing columns get one
-// fp32 GEMM per block (at::addmm_), as in the torch path.
+// fp32 GEMM per block, then a subtraction, exactly as in the torch path (fused_trailing: one addmm_).
 //
-// Bitwise agreement with the reference despite --use_fast_math: scores, errors and updates use the _rn intrinsics
-// (IEEE division; a product and a subtraction that are never contracted into an FMA), which is exactly what the
-// reference computes, so masks match it and weights match up to the trailing GEMM's rounding.
+// The reference's arithmetic: scores, errors and updates use the _rn intrinsics (IEEE division; a product and a
+// subtraction that are never contracted into an FMA), and the extension is built without --use_fast_math (no
+// flush-to-zero). N:M ties are ranked lowest column first, which is CUDA torch.topk's rule, so masks agree with the
+// torch backend on the same GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -46,7 +47,7 @@ obs_block_kernel(float* __restrict__ W, int64_t ldw, const float* __restrict__ U
                  int64_t rows, int count, int prune_n, int prune_m) {
   extern __shared__ float u_smem[];
   const float* Ut = U;
-  int ld = static_cast<int>(ldu);
+  int64_t ld = ldu;
   if constexpr (SMEM_U) {
     for (int idx = threadIdx.x; idx < count * count; idx += blockDim.x) {
       const int a = idx / count, b = idx % count;
@@ -153,7 +154,8 @@ void launch_block(float* W, int64_t ldw, const float* U, int64_t ldu, float* Err
 }
 
 std::tuple<at::Tensor, at::Tensor> obs_prune_cuda(at::Tensor W, const at::Tensor& U, double sparsity,
-                                                  int64_t prune_n, int64_t prune_m, int64_t blocksize) {
+                                                  int64_t prune_n, int64_t prune_m, int64_t blocksize,
+                                                  bool fused_trailing) {
   TORCH_CHECK(W.is_cuda() && U.is_cuda() && W.device() == U.device(), "obs_prune (cuda): W and U on one GPU");
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat, "obs_prune (cuda): W must be a 2-D fp32 matrix");
   const int64_t rows = W.size(0), cols = W.size(1);
@@ -161,8 +163,12 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cuda(at::Tensor W, const at::Tensor
               "obs_prune (cuda): U must be [cols, cols] fp32");
   TORCH_CHECK(blocksize >= 1 && blocksize <= 256, "obs_prune (cuda): blocksize must be in [1, 256]");
   TORCH_CHECK(prune_n == 0 || (0 < prune_n && prune_n < prune_m), "obs_prune (cuda): N:M needs 0 < n < m");
+  if (rows == 0 || cols == 0)
+    return {at::zeros({rows, cols}, W.options().dtype(at::kBool)), at::zeros({rows}, W.options())};
   CALIBPRUNE_GUARD_AND_STREAM(W);
 
+  // The kernel reads rows of a row-major copy of U; the trailing GEMM uses U itself, whose layout (column-major
+  // from cuSOLVER) the reference's GEMM sees: cuBLAS's rounding depends on it.
   at::Tensor Wc = W.contiguous();
   const at::Tensor Uc = U.contiguous();
   at::Tensor mask = at::empty({rows, cols}, W.options().dtype(at::kBool));
@@ -197,7 +203,15 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cuda(at::Tensor W, const at::Tensor
       launch_block<4>(wp, cols, up, cols, ep, mp, cols, lp, tp, rows, c, n, m, stream);
     else
       launch_block<8>(wp, cols, up, cols, ep, mp, cols, lp, tp, rows, c, n, m, stream);
-    if (i2 < cols) Wc.narrow(1, i2, cols - i2).addmm_(Err1, Uc.narrow(0, i1, count).narrow(1, i2, cols - i2), 1.0, -1.0);
+    if (i2 < cols) {
+      at::Tensor W2 = Wc.narrow(1, i2, cols - i2);
+      const at::Tensor U12 = U.narrow(0, i1, count).narrow(1, i2, cols - i2);
+      if (fused_trailing) {
+        W2.addmm_(Err1, U12, 1.0, -1.0);
+      } else {
+        W2.sub_(at::mm(Err1, U12));  // product, then subtraction: the reference's two roundings
+      }
+    }
   }
   if (!W.is_contiguous()) W.copy_(Wc);
   return {mask, losses};
@@ -206,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> obs_prune_cuda(at::Tensor W, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(calibprune_cuda, m) {
-  m.def("obs_prune(Tensor(a!) W, Tensor U, float sparsity, int prune_n, int prune_m, int blocksize) "
-        "-> (Tensor, Tensor)");
+  m.def("obs_prune(Tensor(a!) W, Tensor U, float sparsity, int prune_n, int prune_m, int blocksize, "
+        "bool fused_trailing=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(calibprune_cuda, CUDA, m) { m.impl("obs_prune", &obs_prune_cuda); }

@@ -7,27 +7,38 @@ from __future__ import annotations
 
 import torch
 
+from .factor import InverseFactor, factor_with_escalation
 
-def inverse_factor_reference(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> torch.Tensor:
+
+def inverse_factor_reference(H: torch.Tensor, percdamp: float, *, what: str = "H") -> InverseFactor:
     """Dead columns, relative damping and the upper Cholesky factor U of H⁻¹ (so that UᵀU = H⁻¹).
+
+    The reference's lines: dead = diag(H) == 0 → H[dead, dead] = 1 → H += percdamp·mean(diag H)·I → chol →
+    cholesky_inverse → chol(upper). Where the reference would stop with a Cholesky error (H not positive definite
+    after damping), the damping is escalated instead (:mod:`.factor`); when the first attempt succeeds the result is
+    bitwise the reference's.
 
     Args:
         H: ``[cols, cols]`` fp32 Hessian; modified in place (dead diagonal set to 1, damping added).
-        W: ``[rows, cols]`` fp32 weights; dead columns (zero Hessian diagonal) are zeroed in place.
         percdamp: damping as a fraction of mean(diag H).
 
     Returns:
-        U: ``[cols, cols]`` fp32 upper-triangular, computed as chol → cholesky_inverse → chol(upper).
+        :class:`InverseFactor` ``(U [cols, cols] upper, dead [cols] bool, damp, escalations)``.
     """
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
+    mean_diag = torch.mean(torch.diag(H))
     diag = torch.arange(H.shape[0], device=H.device)
-    H[diag, diag] += damp
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+
+    def attempt(Hd: torch.Tensor, rel: float) -> torch.Tensor:
+        damp = rel * mean_diag
+        Hd[diag, diag] += damp
+        L = torch.linalg.cholesky(Hd)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+
+    U, damp, escalations = factor_with_escalation(H, percdamp, attempt, what=what)
+    return InverseFactor(U, dead, damp, escalations)
 
 
 def obs_prune_reference(
@@ -39,6 +50,7 @@ def obs_prune_reference(
     prune_m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    factor: InverseFactor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` in place with SparseGPT's OBS updates; the reference ``fasterprune`` line for line.
 
@@ -50,14 +62,19 @@ def obs_prune_reference(
 
     Args:
         W: ``[rows, cols]`` fp32, overwritten with the pruned and updated weights.
-        H: ``[cols, cols]`` fp32 Hessian (consumed: modified in place).
+        H: ``[cols, cols]`` fp32 Hessian (consumed: modified in place); may be None when ``factor`` is given.
+        factor: a precomputed :func:`inverse_factor_reference` of the same H (shared by modules that read the
+            same inputs); bitwise the same as computing it here.
 
     Returns:
         mask: ``[rows, cols]`` bool, True where a weight was pruned;
         losses: ``[rows]`` fp32, the OBS loss Σ (w − q)²/U[i,i]² / 2 per row.
     """
     rows, columns = W.shape
-    Hinv = inverse_factor_reference(H, W, percdamp)
+    if factor is None:
+        factor = inverse_factor_reference(H, percdamp)
+    Hinv = factor.U
+    W[:, factor.dead] = 0
     Losses = torch.zeros(rows, device=W.device)
     full_mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, columns, blocksize):

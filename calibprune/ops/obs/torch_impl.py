@@ -1,43 +1,43 @@
 """Fused torch backend for ``obs_prune``: the reference algorithm with a lean in-block column loop.
 
-Differences from :mod:`.naive` are in bookkeeping only (same masks, weights equal up to float rounding):
+Differences from :mod:`.naive` are in bookkeeping only (same masks, bitwise the same weights on CPU and GPU):
 the block is updated in place instead of through Q1/Losses1 copies, the error of column i is (w·m)/U[i,i]
 (equal to (w − q)/U[i,i] since q = w·(1 − m)), the rank-1 update skips column i itself, the block threshold is a
-k-th value instead of a full sort, and losses are summed once per block from the errors.
+k-th value instead of a full sort (the same value), and losses are summed once per block from the errors.
+
+Every update is a rounded product followed by a rounded subtraction, as the reference's ``matmul`` then ``-=``.
+``addr_`` is not that: on CPU its vectorised loop fuses into an FMA for some layouts and widths (measured: widths
+>= 16 on this AVX-512 machine), and on CUDA nvcc may contract it, so the outer product is formed first, into a
+reused scratch buffer. The trailing GEMM uses U in the layout the factorisation returned it (column-major from
+LAPACK/cuSOLVER), as the reference does: the GEMM's rounding depends on the operand layout. ``numerics="fast"``
+lets the trailing update fuse into one ``addmm_``.
 """
 from __future__ import annotations
 
 import torch
 
+from .factor import InverseFactor
 
-def inverse_factor(H: torch.Tensor, percdamp: float, *,
-                   method: str = "chol_inverse") -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor U of the damped H⁻¹ (UᵀU = H⁻¹), after the reference's dead-column fix.
+__all__ = ["prune_block", "obs_prune_torch", "block_threshold", "trailing_update"]
 
-    ``method="chol_inverse"`` is the reference's chol → cholesky_inverse → chol(upper) (three O(d³) steps).
-    ``method="reversed"`` uses one Cholesky of the index-reversed matrix and one triangular inverse: with
-    J the reversal permutation and JHJ = LLᵀ, H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J) and J L⁻¹ J is upper-triangular with
-    a positive diagonal, so by uniqueness of the Cholesky factor it *is* U.
 
-    Args:
-        H: ``[d, d]`` fp32, modified in place (dead diagonal set to 1, damping added).
+def block_threshold(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``sorted(score.flatten())[int(numel·sparsity)]`` (the reference's block threshold) as a 0-dim tensor.
 
-    Returns:
-        ``(U [d, d] fp32 upper-triangular, dead [d] bool)``; the caller zeroes ``W[:, dead]``.
+    A k-th value is exact, so it is the same value the reference's full sort picks, in a fraction of the time.
     """
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    damp = percdamp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    if method == "chol_inverse":
-        L = torch.linalg.cholesky(H)
-        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), dead
-    if method != "reversed":
-        raise ValueError(f"unknown inverse_factor method {method!r}")
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return Linv.flip(0, 1), dead
+    flat = score.flatten()
+    return torch.kthvalue(flat, int(flat.numel() * sparsity) + 1).values
+
+
+def _rank1_sub(W1: torch.Tensor, err: torch.Tensor, u: torch.Tensor, scratch: torch.Tensor) -> None:
+    """W1 -= err ⊗ u with one rounding for the product and one for the subtraction (the reference's numerics).
+
+    ``scratch``: ``[rows, >= W1.shape[1]]``, overwritten.
+    """
+    prod = scratch[:, : W1.shape[1]]
+    torch.mul(err.unsqueeze(1), u.unsqueeze(0), out=prod)
+    W1.sub_(prod)
 
 
 def prune_block(
@@ -62,43 +62,51 @@ def prune_block(
     d1 = torch.diagonal(U1)
     if prune_n == 0:
         score = W1.square().div_(d1.square())
-        flat = score.flatten()
-        # sorted(flat)[k] is the (k+1)-th smallest value.
-        thresh = torch.kthvalue(flat, int(flat.numel() * sparsity) + 1).values
-        mask1 = score <= thresh
+        mask1 = score <= block_threshold(score, sparsity)
     else:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         d1_sq = d1.square()
     maskf = mask1.to(W1.dtype)
+    scratch = torch.empty((W1.shape[0], max(count - 1, 0)), dtype=W1.dtype, device=W1.device)
     for i in range(count):
         if prune_n != 0 and i % prune_m == 0:
             j = min(i + prune_m, count)
             score = W1[:, i:j].square().div_(d1_sq[i:j])
-            mask1[:, i:j].scatter_(1, torch.topk(score, prune_n, dim=1, largest=False)[1], True)
+            # torch.topk on W's device: the reference's own tie rule (see calibprune.ops.obs docs).
+            mask1[:, i:j].scatter_(1, torch.topk(score, min(prune_n, j - i), dim=1, largest=False)[1], True)
             maskf[:, i:j] = mask1[:, i:j]
         err = Err1[:, i]
         torch.mul(W1[:, i], maskf[:, i], out=err)
         err.div_(d1[i])
         if i + 1 < count:
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)
+            _rank1_sub(W1[:, i + 1 :], err, U1[i, i + 1 :], scratch)
     W1.masked_fill_(mask1, 0)
     return mask1
 
 
 def obs_prune_torch(
     W: torch.Tensor,
-    H: torch.Tensor,
+    factor: InverseFactor,
     sparsity: float,
     *,
     prune_n: int,
     prune_m: int,
     blocksize: int,
-    percdamp: float,
-    inverse_method: str = "chol_inverse",
+    fused_trailing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT OBS prune of ``W: [rows, cols] fp32`` in place; returns ``(mask [rows, cols] bool, losses [rows])``."""
+    """SparseGPT OBS prune of ``W: [rows, cols]`` in place given the inverse factor of its Hessian.
+
+    Args:
+        W: ``[rows, cols]`` fp32 (or fp64), overwritten with the pruned, updated weights.
+        factor: :func:`calibprune.ops.obs.inverse_factor` of the Hessian (``U [cols, cols]``, ``dead [cols]``).
+        fused_trailing: one ``addmm_`` for the trailing update (one rounding; ``numerics="fast"``) instead of the
+            reference's product then subtraction.
+
+    Returns:
+        ``(mask [rows, cols] bool, losses [rows])``.
+    """
     rows, cols = W.shape
-    U, dead = inverse_factor(H, percdamp, method=inverse_method)
+    U, dead = factor.U, factor.dead
     W[:, dead] = 0
     mask = torch.empty_like(W, dtype=torch.bool)
     losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
@@ -109,7 +117,17 @@ def obs_prune_torch(
         mask[:, i1:i2] = prune_block(W[:, i1:i2], U[i1:i2, i1:i2], sparsity, prune_n, prune_m, Err1)
         losses += Err1.square().sum(1) / 2
         if i2 < cols:
-            # Product, then subtraction, as the reference does: addmm_ would fuse them into one rounding when
-            # the block is a single column.
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            trailing_update(W[:, i2:], Err1, U[i1:i2, i2:], fused=fused_trailing)
     return mask, losses
+
+
+def trailing_update(W2: torch.Tensor, Err1: torch.Tensor, U12: torch.Tensor, *, fused: bool) -> None:
+    """W2 -= Err1 @ U12: the reference's product then subtraction, or one fused ``addmm_`` when ``fused``.
+
+    Product then subtraction as the reference does: ``addmm_`` rounds once where the reference rounds twice (and
+    for a single-column block it would be an FMA).
+    """
+    if fused:
+        W2.addmm_(Err1, U12, alpha=-1)
+    else:
+        W2 -= Err1 @ U12

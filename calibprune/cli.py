@@ -18,17 +18,33 @@ log = logging.getLogger("calibprune")
 
 
 def _parse_sources(spec: str) -> str | dict[str, float]:
-    """``"c4"`` → ``"c4"``; ``"c4,gsm8k"`` → uniform mix; ``"c4:0.7,gsm8k:0.3"`` → weighted mix."""
+    """``"c4"`` → ``"c4"``; ``"c4,gsm8k"`` → uniform mix; ``"c4:0.7,gsm8k:0.3"`` → weighted mix.
+
+    A source named twice, a weight that is not a finite number >= 0, or weights that are all zero is an error.
+    """
+    import math
+
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ValueError("--calib is empty")
-    if any(":" in p for p in parts):
-        weights = {}
-        for p in parts:
-            name, _, w = p.partition(":")
-            weights[name] = float(w) if w else 1.0
-        return weights
-    return parts[0] if len(parts) == 1 else {p: 1.0 for p in parts}
+    weights: dict[str, float] = {}
+    for p in parts:
+        name, sep, w = (s.strip() for s in p.partition(":"))
+        if not name:
+            raise ValueError(f"--calib: {p!r} has no source name (use NAME or NAME:WEIGHT)")
+        if name in weights:
+            raise ValueError(f"--calib names {name!r} twice; give each source once (use NAME:WEIGHT to weight it)")
+        try:
+            weights[name] = float(w) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--calib: the weight of {name!r} must be a number, got {w!r}") from None
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise ValueError(f"--calib: the weight of {name!r} must be a finite number >= 0, got {w!r}")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"--calib: the weights are all zero ({spec!r}); at least one source needs weight > 0")
+    if len(weights) == 1 and not any(":" in p for p in parts):
+        return parts[0]
+    return weights
 
 
 def _add_calib_options(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +63,14 @@ def _add_calib_options(parser: argparse.ArgumentParser) -> None:
 def _preflight_calib(args: argparse.Namespace):
     """Check the calibration request without reading data; returns the parsed sources or a Path."""
     if args.calib.endswith(".pt"):
+        from .calibration import CalibrationSet
+        from .models import load_tokenizer
+
         path = Path(args.calib)
         if not path.is_file():
             raise FileNotFoundError(f"calibration set {path} not found")
+        CalibrationSet.load(path)  # the file itself first (cheap), then its ids against the model's tokenizer
+        CalibrationSet.load(path, vocab_size=len(load_tokenizer(args.model)))
         return path
     from .calibration import check_available
 
@@ -59,7 +80,10 @@ def _preflight_calib(args: argparse.Namespace):
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
     spec = _parse_sources(args.calib)
     for name in [spec] if isinstance(spec, str) else spec:
-        check_available(name, data_dir=args.data_dir, source=args.data_source)
+        if check_available(name, data_dir=args.data_dir, source=args.data_source) == "offline":
+            from .calibration import load_texts
+
+            load_texts(name, data_dir=args.data_dir, source="offline")  # a corrupt record fails now, not after the load
     return spec
 
 
@@ -79,8 +103,10 @@ def _format_sparsity(value: float | tuple[float, ...]) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .calibration import as_token_ids
+    from .calibration.calibration_set import ids_sha256
     from .evaluation import wikitext2_perplexity
-    from .models import load_model, resolve_model_path
+    from .models import load_model, parse_dtype, resolve_model_path
     from .pruning import check_request, prune
     from .pruning.cli_options import config_from_args
     from .save import check_output_dir, save_pruned
@@ -90,6 +116,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_output_dir(args.out, overwrite=args.overwrite)
     resolve_model_path(args.model)
+    parse_dtype(args.dtype)
     spec = _preflight_calib(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -101,6 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned_ppl = None if args.no_eval else wikitext2_perplexity(
         model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
     extra = {"model": args.model, "calibration": getattr(calib, "provenance", {}),
+             "calibration_ids_sha256": ids_sha256(as_token_ids(calib)),
              "wikitext2": {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "seqlen": args.eval_seqlen,
                            "windows": args.eval_windows}}
     out = save_pruned(model, tokenizer, args.out, report, extra=extra, overwrite=args.overwrite)
@@ -126,11 +154,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_calib(args: argparse.Namespace) -> int:
-    from .models import load_tokenizer
+    from ._io import probe_writable
+    from .calibration.calibration_set import calibration_paths
+    from .models import load_tokenizer, parse_dtype, resolve_model_path
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out, meta = calibration_paths(args.out)  # "foo" and "foo.pt" both write foo.pt + foo.json
+    for path in (out, meta):
+        if path.is_dir():
+            raise IsADirectoryError(f"--out {path} is a directory; give a file name such as {path / 'calib.pt'}")
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    probe_writable(out.parent, f"the output folder of {out}")
+    resolve_model_path(args.model, weights=False)
+    parse_dtype(args.dtype)
     spec = _preflight_calib(args)
     calib = _calibration(args, spec, load_tokenizer(args.model))
     path = calib.save(out)
@@ -304,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ImportError, PermissionError,
-            KeyError) as exc:
+            NotADirectoryError, IsADirectoryError, KeyError) as exc:
         if args.verbose:
             raise
-        print(f"calibprune {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"calibprune {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
 
 

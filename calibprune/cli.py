@@ -6,6 +6,7 @@ The ``prune`` options are generated from the config dataclasses and the method r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -49,7 +50,12 @@ def _parse_sources(spec: str) -> str | dict[str, float]:
 
 def _add_calib_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default="c4",
-                        help="source name, comma list (uniform mix), name:weight list, or a saved CalibrationSet .pt")
+                        help="source name, comma list (uniform mix), name:weight list, a saved CalibrationSet .pt, or "
+                             "a set the model generates: self-cal, sgs, igsp")
+    parser.add_argument("--gen-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of the generator named by --calib (repeatable), e.g. pool_factor=3")
+    parser.add_argument("--gen-batch-size", type=int, default=16,
+                        help="generation batch for self-cal / sgs / igsp (default: 16)")
     parser.add_argument("--num-samples", "--n", dest="n", type=int, default=128,
                         help="calibration sequences (default: 128)")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048)")
@@ -72,12 +78,16 @@ def _preflight_calib(args: argparse.Namespace):
         CalibrationSet.load(path)  # the file itself first (cheap), then its ids against the model's tokenizer
         CalibrationSet.load(path, vocab_size=len(load_tokenizer(args.model)))
         return path
-    from .calibration import check_available
+    from .calibration import GENERATORS, check_available
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.calib in GENERATORS:
+        return _Generated(args.calib, _generator_options(args))
+    if args.gen_option:
+        raise ValueError(f"--gen-option is for a generated set (--calib {' | '.join(GENERATORS)}), not {args.calib!r}")
     spec = _parse_sources(args.calib)
     for name in [spec] if isinstance(spec, str) else spec:
         if check_available(name, data_dir=args.data_dir, source=args.data_source) == "offline":
@@ -87,11 +97,51 @@ def _preflight_calib(args: argparse.Namespace):
     return spec
 
 
-def _calibration(args: argparse.Namespace, spec, tokenizer):
-    from .calibration import CalibrationSet, build_calibration
+@dataclasses.dataclass(frozen=True)
+class _Generated:
+    """A calibration set the dense model generates: the generator's name and its options."""
+
+    name: str
+    options: dict
+
+
+def _generator_options(args: argparse.Namespace) -> dict:
+    """``--gen-option KEY=VALUE`` items, values read as JSON when they parse, checked against the generator."""
+    import inspect
+    import json
+
+    from .calibration import GENERATORS
+
+    generator = GENERATORS[args.calib]
+    allowed = {p for p in inspect.signature(generator).parameters
+               if p not in ("model", "tokenizer", "n", "seqlen", "seed", "batch_size", "progress")}
+    options: dict = {}
+    for item in args.gen_option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--gen-option takes KEY=VALUE, got {item!r}")
+        if key not in allowed:
+            raise ValueError(f"{args.calib} has no option {key!r}; it takes: {', '.join(sorted(allowed))}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    if args.gen_batch_size < 1:
+        raise ValueError(f"--gen-batch-size must be >= 1, got {args.gen_batch_size}")
+    if args.calib == "sgs":
+        options.setdefault("data_dir", args.data_dir)
+        options.setdefault("data_source", args.data_source)
+    return options
+
+
+def _calibration(args: argparse.Namespace, spec, tokenizer, model=None):
+    from .calibration import GENERATORS, CalibrationSet, build_calibration
 
     if isinstance(spec, Path):
         return CalibrationSet.load(spec)
+    if isinstance(spec, _Generated):
+        return GENERATORS[spec.name](model, tokenizer, n=args.n, seqlen=args.seqlen, seed=args.seed,
+                                     batch_size=args.gen_batch_size, **spec.options)
     return build_calibration(tokenizer, spec, n=args.n, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
                              data_source=args.data_source)
 
@@ -120,7 +170,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     spec = _preflight_calib(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    calib = _calibration(args, spec, tokenizer)
+    calib = _calibration(args, spec, tokenizer, model)
     check_request(model, calib, config)
     dense_ppl = None if args.no_eval else wikitext2_perplexity(
         model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
@@ -168,9 +218,16 @@ def cmd_calib(args: argparse.Namespace) -> int:
     resolve_model_path(args.model, weights=False)
     parse_dtype(args.dtype)
     spec = _preflight_calib(args)
-    calib = _calibration(args, spec, load_tokenizer(args.model))
+    if isinstance(spec, _Generated):  # the dense model writes the set itself
+        from .models import load_model
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        calib = _calibration(args, spec, tokenizer, model)
+    else:
+        calib = _calibration(args, spec, load_tokenizer(args.model))
     path = calib.save(out)
-    print(f"saved {calib.n} x {calib.seqlen} calibration tokens ({calib.provenance.get('counts')}) to {path}")
+    what = calib.provenance.get("counts") or calib.provenance.get("method") or calib.provenance.get("kind")
+    print(f"saved {calib.n} x {calib.seqlen} calibration tokens ({what}) to {path}")
     return 0
 
 
@@ -207,37 +264,9 @@ def _dotted_options(items: list[str], flag: str) -> dict[str, dict]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import plan_study, run_study, write_report
+    from .study.cli import cmd_study as run
 
-    settings = dict(sources=args.sources, constructed=args.constructed, sparsities=args.sparsity, n=args.n,
-                    seqlen=args.seqlen, seed=args.seed, suite=args.suite, limit=args.limit,
-                    benchmarks=args.benchmarks, data_dir=args.data_dir, data_source=args.data_source,
-                    gen_batch_size=args.gen_batch_size,
-                    generator_options=_dotted_options(args.gen_option, "--gen-option"),
-                    eval_overrides=_dotted_options(args.eval_option, "--eval-option"))
-    if args.report_only:
-        import json
-
-        spec = plan_study(args.model, out_dir=args.out, **settings)
-        path = Path(spec["out_dir"]) / "study.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--report-only: no study results at {path}")
-        report = write_report(json.loads(path.read_text()), path.parent, plots=not args.no_plots)
-        print(f"wrote {report}")
-        return 0
-    try:
-        study = run_study(args.model, out_dir=args.out, plots=not args.no_plots, **settings)
-    except KeyboardInterrupt:
-        print("calibprune study: interrupted; finished steps are saved, run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    out = Path(study["config"]["out_dir"])
-    key = next(iter(study["spearman"]))
-    rho = study["spearman"][key]["sources"]["perplexity"]
-    print(f"study of {len(study['entries'])} entries written to {out / 'study.json'} and {out / 'report.md'}")
-    print(f"Spearman rho(calibration perplexity, retention) at sparsity {key}, single sources: "
-          + ", ".join(f"{d} {'n/a' if c['rho'] is None else format(c['rho'], '+.2f')}" for d, c in rho.items()))
-    return 0
+    return run(args)
 
 
 BENCHES = ("prune", "obs", "hessian", "ngram")
@@ -295,30 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("study", help="calibration study: every source + mix / Self-Cal / SGS / IGSP -> OIT metrics, "
-                       "prune, per-capability retention, Spearman; resumable")
-    p.add_argument("--model", required=True, help="HF id, local checkpoint dir, .gguf file, or smollm2-135m")
-    p.add_argument("--sources", default="all", help="'all' (every source available offline) or a comma list")
-    p.add_argument("--constructed", default=",".join(("mix", "self-cal", "sgs", "igsp")),
-                   help="constructed sets to add: comma list of mix, self-cal, sgs, igsp, or 'none' (default: all)")
-    p.add_argument("--sparsity", default="0.6", help="comma list of sparsities (default: 0.6)")
-    p.add_argument("--n", type=int, default=64, help="calibration samples per entry (default: 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample (default: 512)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--suite", default="lite", choices=("lite", "paper"), help="evaluation suite (default: lite)")
-    p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the suite's)")
-    p.add_argument("--benchmarks", default=None, help="comma list of benchmarks (default: the suite's)")
-    p.add_argument("--eval-option", action="append", default=[], metavar="BENCH.KEY=VALUE",
-                   help="benchmark option, repeatable, e.g. mmlu.limit=100 or wikitext2.max_windows=8")
-    p.add_argument("--data-dir", default=None, help="offline data folder (default: $CALIBPRUNE_DATA_DIR, ...)")
-    p.add_argument("--data-source", default="offline", choices=("auto", "offline", "hub"),
-                   help="where sources are read (default: offline)")
-    p.add_argument("--gen-batch-size", type=int, default=16, help="generation batch for Self-Cal/SGS/IGSP")
-    p.add_argument("--gen-option", action="append", default=[], metavar="GEN.KEY=VALUE",
-                   help="generator keyword, repeatable, e.g. igsp.pool_factor=3 or sgs.source=c4")
-    p.add_argument("--out", default=None, help="output folder (default: results/<model name>)")
-    p.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
-    p.add_argument("--report-only", action="store_true", help="rewrite report.md from an existing study.json")
+    p = sub.add_parser("study", help="calibration study: sources, mix, Self-Cal, SGS, IGSP x seeds x pruners -> "
+                       "OIT metrics, per-capability retention with intervals, Spearman, verdicts; resumable")
+    from .study.cli import add_study_arguments
+
+    add_study_arguments(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="run a benchmark script of the source checkout (prints a table, writes "

@@ -396,3 +396,32 @@ def test_cli_option_errors(tmp_path, capsys, extra, match):
     code, cap = _run(["prune", "--model", "smollm2-135m", "--out", str(tmp_path / "o"), *extra], capsys)
     assert code == 2 and match in cap.err, cap.err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("generator", ["self-cal", "sgs", "igsp"])
+def test_cli_builds_and_prunes_with_generated_calibration(tiny_checkpoint, capsys, generator):
+    model = str(tiny_checkpoint / "tiny")
+    pt = tiny_checkpoint / f"{generator}.pt"
+    extra = ["--gen-option", "source=c4"] if generator == "sgs" else []
+    code, cap = _run(["calib", "--model", model, "--calib", generator, "--n", "6", "--seqlen", "16",
+                      "--gen-batch-size", "3", *extra, "--out", str(pt)], capsys)
+    assert code == 0, cap.err
+    from calibprune import CalibrationSet
+
+    calib = CalibrationSet.load(pt)
+    assert tuple(calib.ids.shape) == (6, 16)
+    code, cap = _run(["prune", "--model", model, "--calib", generator, "--n", "6", "--seqlen", "16", *extra,
+                      "--method", "wanda", "--no-eval", "--out", str(tiny_checkpoint / "out")], capsys)
+    assert code == 0, cap.err
+    provenance = json.loads((tiny_checkpoint / "out" / "calibprune.json").read_text())["calibration"]
+    assert provenance and provenance != {"kind": "tensor"}
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--calib", "igsp", "--gen-option", "bogus=1"], "igsp has no option 'bogus'"),
+    (["--calib", "c4", "--gen-option", "t_init=1"], "--gen-option is for a generated set"),
+    (["--calib", "self-cal", "--gen-option", "t_init"], "KEY=VALUE"),
+])
+def test_cli_generator_option_errors(tmp_path, capsys, extra, match):
+    code, cap = _run(["calib", "--model", "smollm2-135m", "--out", str(tmp_path / "c.pt"), *extra], capsys)
+    assert code == 2 and match in cap.err, cap.err

@@ -276,3 +276,10 @@ def test_dtype_names(name, expected):
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         models.parse_dtype("float8")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "some/dir/", "/"])
+def test_calibration_path_needs_a_file_name(name):
+    """Found by the CLI fuzzer: ``calib --out ''`` raised ``PosixPath('.') has an empty name``."""
+    with pytest.raises(ValueError, match="is not a file name for a calibration set"):
+        calibration_paths(name)

@@ -33,7 +33,10 @@ class CalibrationFileError(ValueError):
 def calibration_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(ids .pt, provenance .json)`` of a saved set: ``foo`` and ``foo.pt`` both mean ``foo.pt`` + ``foo.json``;
     any other suffix is kept (``set.v2`` -> ``set.v2.pt``)."""
+    raw = os.fspath(path)
     path = Path(path)
+    if not path.name or path.name in (".", "..") or raw.endswith(("/", os.sep)):
+        raise ValueError(f"{raw!r} is not a file name for a calibration set (e.g. calib/c4-128.pt)")
     if path.suffix != ".pt":
         path = path.with_name(path.name + ".pt")
     return path, path.with_suffix(".json")

@@ -128,7 +128,7 @@ class _Record(dict):
     where = ""
 
     def __missing__(self, key: str) -> Any:
-        fields = ", ".join(map(str, self)) or "none"
+        fields = ", ".join(repr(k) for k in list(self)[:12]) or "none"
         raise DataFileError(f"{self.where}: record has no field {key!r} (it has: {fields})")
 
 

@@ -177,7 +177,10 @@ def test_study_calibration_cache_two_processes(tmp_path):
     code = """
     import torch
     from calibprune.calibration import CalibrationSet
-    from calibprune.study import _save_calibration
+    try:  # the study is being split into a package (issue 12)
+        from calibprune.study.run import _save_calibration
+    except ImportError:
+        from calibprune.study import _save_calibration
     target = Path(sys.argv[1])
     calib = CalibrationSet(ids=torch.ones(8, 64, dtype=torch.long), provenance={"k": 1}, row_sources=["a"] * 8)
     # --- race ---

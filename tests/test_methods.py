@@ -282,6 +282,22 @@ def test_dsnot_after_a_method_keeps_the_sparsity(base):
                                                                                     "mlp.down_proj"}
 
 
+# --- damping -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prune_fn", ["fused", "reference"])
+def test_rank_deficient_hessian_escalates_damping_and_says_so(prune_fn):
+    """One 3-token sequence and percdamp=0: every Hessian is singular; the prune still succeeds, finite."""
+    from calibprune import prune_sparsegpt_reference
+
+    fn = prune_sparsegpt_fused if prune_fn == "fused" else prune_sparsegpt_reference
+    model = tiny_model("llama")
+    report = fn(model, random_ids(1, 3), sparsity=0.5, percdamp=0.0, blocksize=16)
+    escalated = [r for r in report.modules if r.damping]
+    assert escalated and all(r.damping["escalations"] >= 1 and r.damping["percdamp"] > 0 for r in escalated)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.loads(json.dumps(report.to_dict()))["modules"][0]["damping"] == report.modules[0].damping
+
+
 # --- numerics="fast" ---------------------------------------------------------------------------------------------
 
 def test_fast_numerics_prunes_to_the_same_quality():

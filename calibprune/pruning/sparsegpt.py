@@ -20,7 +20,9 @@ from ..calibration import CalibrationSet
 from ..ops import hessian_update, hessian_update_reference, obs_prune, obs_prune_reference
 from ..ops._backend import BACKENDS, resolve_backend
 from ..ops.hessian import SUPPORTED as HESSIAN_BACKENDS
+from ..ops.hessian import hessian_finalize
 from ..ops.obs import SUPPORTED as OBS_BACKENDS
+from ..ops.obs import InverseFactor, inverse_factor, inverse_factor_reference
 from .config import PruneConfig
 from .method import ModuleResult, PruningMethod
 from .report import PruneReport
@@ -98,7 +100,12 @@ def resolve_op_backends(backend: str, device: torch.device) -> dict[str, str]:
 
 class SparseGPTMethod(PruningMethod):
     """Hessian statistics and OBS pruning; with a :class:`SparseGPTReferenceConfig` it keeps every reference habit
-    (a Hessian per module, the full layer forward, ``fasterprune`` line for line)."""
+    (a Hessian per module, the full layer forward, ``fasterprune`` line for line).
+
+    The inverse factor U of a Hessian is computed once per group and shared by the group's modules (q/k/v,
+    gate/up): it is a function of H alone, so sharing changes no bit. A Hessian that is not positive definite gets
+    its damping escalated (logged); the damping used is recorded per module in the report.
+    """
 
     config_class = SparseGPTConfig
 
@@ -108,14 +115,14 @@ class SparseGPTMethod(PruningMethod):
         self.share_inputs = self.stop_early = not self.reference
         self.H: dict[str, torch.Tensor] = {}
         self.nsamples: dict[str, int] = {}
-        self.seqlen = 0
+        self.factors: dict[str, InverseFactor] = {}
 
     def resolve(self, device: torch.device) -> None:
         if not self.reference:
             self.resolved_backends = resolve_op_backends(self.config.backend, device)
 
     def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
-        self.H, self.nsamples = {}, {}
+        self.H, self.nsamples, self.factors = {}, {}, {}
 
     def add_batch(self, group: str, x: torch.Tensor) -> None:
         if group not in self.H:
@@ -127,25 +134,45 @@ class SparseGPTMethod(PruningMethod):
                 self.nsamples[group] = hessian_update_reference(self.H[group], x, self.nsamples[group])
             else:
                 self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group],
-                                                      backend=self.resolved_backends["hessian_update"])
+                                                      backend=self.resolved_backends["hessian_update"],
+                                                      numerics=self.config.numerics)
+
+    def finalize_statistics(self, index: int) -> None:
+        if not self.reference:
+            for H in self.H.values():
+                hessian_finalize(H, numerics=self.config.numerics)
+
+    def _factor(self, index: int, group: str) -> InverseFactor:
+        if group not in self.factors:
+            config = self.config
+            what = f"the Hessian of layer {index} {group}"
+            with self.timed("inverse factor"):
+                if self.reference:
+                    self.factors[group] = inverse_factor_reference(self.H[group].clone(), config.percdamp, what=what)
+                else:
+                    method = "reversed" if config.numerics == "fast" else "chol_inverse"
+                    self.factors[group] = inverse_factor(self.H[group].clone(), config.percdamp, method=method,
+                                                         what=what)
+        return self.factors[group]
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         config = self.config
-        H = self.H[group]
+        factor = self._factor(index, group)
         W = module.weight.data.float().clone()
         kwargs = dict(prune_n=config.prune_n, prune_m=config.prune_m, blocksize=config.blocksize,
-                      percdamp=config.percdamp)
+                      percdamp=config.percdamp, factor=factor)
         with self.timed("obs"):
             if self.reference:
-                _, losses = obs_prune_reference(W, H.clone(), sparsity, **kwargs)
+                _, losses = obs_prune_reference(W, None, sparsity, **kwargs)
             else:
-                _, losses = obs_prune(W, H.clone(), sparsity, backend=self.resolved_backends["obs_prune"],
-                                      return_losses=True, **kwargs)
+                _, losses = obs_prune(W, None, sparsity, backend=self.resolved_backends["obs_prune"],
+                                      return_losses=True, numerics=config.numerics, **kwargs)
         module.weight.data.copy_(W.to(module.weight.dtype))
-        return ModuleResult(hessian=H, obs_loss=float(losses.sum()))
+        damping = {"percdamp": factor.damp, "escalations": factor.escalations} if factor.escalations else None
+        return ModuleResult(hessian=self.H[group], obs_loss=float(losses.sum()), damping=damping)
 
     def end_layer(self, index: int) -> None:
-        self.H, self.nsamples = {}, {}
+        self.H, self.nsamples, self.factors = {}, {}, {}
 
 
 def prune_sparsegpt_fused(model: nn.Module, calib: CalibrationSet | torch.Tensor, *,

@@ -55,8 +55,9 @@ def check_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = int(((ids < 0) | (ids >= vocab_size)).sum())
-        raise CalibrationFileError(f"{where}: {bad} token ids lie outside the tokenizer's vocabulary [0, "
-                                   f"{vocab_size}) (ids span [{low}, {high}]); was it built with another tokenizer?")
+        raise CalibrationFileError(f"{where}: {bad} of {ids.numel()} token ids lie outside the tokenizer's "
+                                   f"vocabulary [0, {vocab_size}) (ids span [{low}, {high}]); was it built with "
+                                   "another tokenizer?")
 
 
 @dataclass
@@ -133,7 +134,8 @@ class CalibrationSet:
                                        "seqlen >= 2)")
         ids = ids.to(torch.int64)
         if int(ids.min()) < 0:
-            raise CalibrationFileError(f"{pt}: {int((ids < 0).sum())} token ids are negative (min {int(ids.min())})")
+            raise CalibrationFileError(f"{pt}: {int((ids < 0).sum())} of {ids.numel()} token ids are negative "
+                                       f"(min {int(ids.min())})")
         if vocab_size is not None:
             check_vocab(ids, vocab_size, str(pt))
         expected = blob.get("ids_sha256")

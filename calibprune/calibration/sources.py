@@ -636,16 +636,20 @@ def _missing_offline_message(src: Source, data_dir: Path | None) -> str:
     if _LOADERS[src.name].offline is None:
         return (f"Source {src.name!r} has no offline copy (hub only: {src.hub_id}); use source='hub' or 'auto' "
                 "with `datasets` installed and the Hugging Face hub reachable.")
+    return (f"Offline data for source {src.name!r} not found: {_offline_search(src, data_dir)}. Point "
+            f"{DATA_DIR_ENV} (or data_dir=) at the folder that holds the offline copies (e.g. export "
+            "CALIBPRUNE_DATA_DIR=/path/to/shared/data).")
+
+
+def _offline_search(src: Source, data_dir: Path | None) -> str:
+    """Where the offline copy of ``src`` was looked for, as a phrase for messages."""
     if data_dir is None:
-        where = ("no data directory was found (looked for " + ", ".join(map(str, _default_candidates()))
-                 + f"; {DATA_DIR_ENV} is not set)")
-    elif not data_dir.is_dir():
-        where = f"the data directory {data_dir} does not exist"
-    else:
-        missing = [str(p) for p in _offline_files(src.name, data_dir) if not p.is_file()]
-        where = "missing file(s): " + ", ".join(missing)
-    return (f"Offline data for source {src.name!r} not found: {where}. Point {DATA_DIR_ENV} (or data_dir=) at the "
-            "folder that holds the offline copies (e.g. export CALIBPRUNE_DATA_DIR=/path/to/shared/data).")
+        return ("no data directory was found (looked for " + ", ".join(map(str, _default_candidates()))
+                + f"; {DATA_DIR_ENV} is not set)")
+    if not data_dir.is_dir():
+        return f"the data directory {data_dir} does not exist"
+    missing = [str(p) for p in _offline_files(src.name, data_dir) if not p.is_file()]
+    return "missing file(s): " + ", ".join(missing)
 
 
 def _import_datasets(context: str) -> Any:
@@ -733,10 +737,12 @@ def _hub_refusal(src: Source, resolved: Path | None, source: str) -> str | None:
     reason = hub_unavailable_reason(datasets=True)
     if reason is None:
         return None
-    msg = f"source {src.name!r} needs the Hugging Face hub ({src.hub_id}), but {reason}"
-    if source == "auto":
-        msg += " and it has no offline copy [" + _missing_offline_message(src, resolved) + "]"
-    return msg
+    if source == "hub" or _LOADERS[src.name].offline is None:
+        return (f"source {src.name!r} is read from the Hugging Face hub ({src.hub_id}), but {reason}"
+                + ("" if source == "hub" else " (it has no offline copy)"))
+    return (f"source {src.name!r}: no offline copy ({_offline_search(src, resolved)}) and the Hugging Face hub "
+            f"({src.hub_id}) cannot be used instead: {reason}. Point {DATA_DIR_ENV} or --data-dir at the offline "
+            "copies, or connect to the hub")
 
 
 def check_available(name: str, *, data_dir: str | os.PathLike[str] | None = None, source: str = "auto") -> str:

@@ -269,7 +269,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run(args)
 
 
-BENCHES = ("prune", "obs", "hessian", "ngram")
+BENCHES = ("prune", "quality", "obs", "hessian", "ngram")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

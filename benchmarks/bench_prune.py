@@ -1,11 +1,17 @@
-"""End-to-end prune benchmark: reference pipeline vs fused vs llm-compressor on the same calibration tokens.
+"""End-to-end prune benchmark: reference pipeline vs fused (reference and fast numerics) vs llm-compressor.
 
 Default job: SmolLM2-135M, 32×512 C4 tokens, 60% unstructured SparseGPT; WikiText-2 perplexity on 16 windows
 of 512 tokens of the raw test file. llm-compressor needs transformers ≤ 5.17, so it usually lives in its own
 virtual environment: pass its interpreter with ``--llmcompressor-python`` (it runs
 ``benchmarks/_llmcompressor_job.py`` on the converted checkpoint and our saved calibration ids).
 
-    python benchmarks/bench_prune.py [--providers reference,fused,llmcompressor] [--llmcompressor-python PATH]
+Providers: ``reference`` (``prune_sparsegpt_reference``), ``fused`` (``prune_sparsegpt_fused``, numerics
+"reference": bitwise the reference under the same batches), ``fast`` (the fused path with ``numerics="fast"``:
+bf16 calibration forwards where the CPU has them, upper-triangle Hessian, one-Cholesky inverse factor) and
+``llmcompressor``. All see the same calibration tokens in the same order (one sequence per batch unless
+``--batch-size`` says otherwise).
+
+    python benchmarks/bench_prune.py [--providers reference,fused,fast,llmcompressor] [--llmcompressor-python PATH]
 """
 from __future__ import annotations
 
@@ -61,8 +67,8 @@ def run_llmcompressor(python: str, checkpoint: str, ids: torch.Tensor, sparsity:
 
 def main(model_name: str = "smollm2-135m", n: int = 32, seqlen: int = 512, sparsity: float = 0.6,
          calib_source: str = "c4", eval_windows: int = 16, eval_seqlen: int = 512,
-         providers: tuple[str, ...] = ("reference", "fused", "llmcompressor"), backend: str = "auto",
-         batch_size: int = 8, llmcompressor_python: str | None = None, out: str | None = None) -> list[dict]:
+         providers: tuple[str, ...] = ("reference", "fused", "fast", "llmcompressor"), backend: str = "auto",
+         batch_size: int = 1, llmcompressor_python: str | None = None, out: str | None = None) -> list[dict]:
     torch.set_grad_enabled(False)
     dense, tok = load_model(model_name)
     calib = build_calibration(tok, calib_source, n=n, seqlen=seqlen, seed=0)
@@ -79,12 +85,16 @@ def main(model_name: str = "smollm2-135m", n: int = 32, seqlen: int = 512, spars
             report = prune_sparsegpt_reference(model, calib, sparsity=sparsity, batch_size=batch_size)
             seconds = time.perf_counter() - t0
             extra["phases"] = report.phase_seconds
-        elif provider == "fused":
+        elif provider in ("fused", "fast"):
+            numerics = "fast" if provider == "fast" else "reference"
             t0 = time.perf_counter()
-            report = prune_sparsegpt_fused(model, calib, sparsity=sparsity, backend=backend, batch_size=batch_size)
+            report = prune_sparsegpt_fused(model, calib, sparsity=sparsity, backend=backend, batch_size=batch_size,
+                                           numerics=numerics)
             seconds = time.perf_counter() - t0
-            extra["phases"] = report.phase_seconds
+            extra["phases"] = report.phase_seconds | {f"{k} (sub)": v for k, v in report.timings.items()}
             extra["backend"] = backend
+            extra["resolved_backends"] = report.resolved_backends
+            extra["numerics"] = numerics
         elif provider == "llmcompressor":
             python = llmcompressor_python or sys.executable
             try:
@@ -135,9 +145,9 @@ if __name__ == "__main__":
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--providers", default="reference,fused,llmcompressor")
+    ap.add_argument("--providers", default="reference,fused,fast,llmcompressor")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per batch (default: 1, the authors' order)")
     ap.add_argument("--llmcompressor-python", default=None,
                     help="python of an environment with llmcompressor installed (default: this one)")
     ap.add_argument("--out", default=None, help="JSON-lines file (default: benchmarks/results/prune.jsonl)")

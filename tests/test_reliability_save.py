@@ -204,9 +204,10 @@ def test_writability_probe_is_real_not_os_access(tmp_path, monkeypatch):
 
 # -- nothing non-finite reaches a checkpoint -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weights_never_saved(tmp_path, bad):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_never_saved(tmp_path, bad, dtype):
+    model = tiny_model("llama").to(dtype)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = bad
     out = tmp_path / "out"

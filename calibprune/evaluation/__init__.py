@@ -5,6 +5,7 @@ from .benchmarks import BENCHMARKS, DIMENSIONS
 from .capabilities import SUITES, evaluate, retention
 from .perplexity import load_wikitext2_test, perplexity, wikitext2_perplexity
 from .proxies import solution_nll
+from .study_suite import STUDY_SUITE, evaluate_items
 
 __all__ = [
     "perplexity",
@@ -16,4 +17,6 @@ __all__ = [
     "SUITES",
     "BENCHMARKS",
     "DIMENSIONS",
+    "STUDY_SUITE",
+    "evaluate_items",
 ]

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from ..calibration.sources import DIMENSIONS  # the one definition of the capability dimensions
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "render_lm_eval_task",
 ]
 
-DIMENSIONS: tuple[str, ...] = ("general", "commonsense", "code", "math")
 TASK_PREFIX = "calibprune_"
 MBPP_TEST_IDS = range(11, 511)  # standard MBPP test task ids (the shared copy holds 11-310)
 MBPP_PROMPT_IDS = range(1, 11)  # the standard few-shot prompt tasks
@@ -132,6 +133,22 @@ def _docs_mmlu(paths: list[Path], options: dict[str, Any]) -> list[dict[str, Any
             {"query": prefix + _mmlu_format(q, c), "choices": list(MMLU_CHOICE_LABELS), "gold": a, "subject": subject}
             for q, c, a in _mmlu_rows(test_file)
         ])
+    docs: list[dict[str, Any]] = []
+    for i in range(max((len(s) for s in per_subject), default=0)):
+        docs.extend(s[i] for s in per_subject if i < len(s))
+    return docs
+
+
+def _docs_mmlu_cloze(paths: list[Path], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """MMLU test in cloze form (the answer texts are the choices, as lm-eval's ``mmlu_continuation``), subjects
+    interleaved as in :func:`_docs_mmlu`. Small models that cannot map letters to answers are above chance here."""
+    test_dir = paths[0]
+    per_subject: list[list[dict[str, Any]]] = []
+    for test_file in sorted(test_dir.glob("*_test.csv")):
+        subject = test_file.name.removesuffix("_test.csv")
+        header = f"The following are questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        per_subject.append([{"query": f"{header}Question: {q.strip()}\nAnswer:", "choices": [str(x) for x in c],
+                             "gold": a, "subject": subject} for q, c, a in _mmlu_rows(test_file)])
     docs: list[dict[str, Any]] = []
     for i in range(max((len(s) for s in per_subject), default=0)):
         docs.extend(s[i] for s in per_subject if i < len(s))
@@ -231,6 +248,7 @@ def _docs_math(paths: list[Path], options: dict[str, Any]) -> list[dict[str, Any
 
 _READERS: dict[str, Callable[[list[Path], dict[str, Any]], list[dict[str, Any]]]] = {
     "mmlu": _docs_mmlu,
+    "mmlu_cloze": _docs_mmlu_cloze,
     "lambada": _docs_lambada,
     "hellaswag": _docs_hellaswag,
     "piqa": _docs_piqa,
@@ -263,6 +281,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         _b("mmlu", "general", "lm_eval", "acc", ("mmlu/test", "mmlu/dev"),
            "MMLU test (57 subjects interleaved), letter answer, optional same-subject dev shots",
            hub_task="mmlu", hub_metric="acc", options={"num_fewshot": 0}),
+        _b("mmlu_cloze", "general", "lm_eval", "acc_norm", ("mmlu/test",),
+           "MMLU test in cloze form (answer texts as choices), 0-shot", hub_task="mmlu_continuation",
+           hub_metric="acc_norm"),
         _b("lambada", "general", "lm_eval", "acc", ("lambada_openai/lambada_openai.jsonl",),
            "LAMBADA (OpenAI) last-word greedy accuracy", hub_task="lambada_openai", hub_metric="acc"),
         _b("wikitext2", "general", "perplexity", "perplexity", ("wikitext-2/wiki.test.raw",),

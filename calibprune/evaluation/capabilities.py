@@ -64,6 +64,7 @@ from torch import nn
 
 from .._io import atomic_write_text
 from ..calibration.sources import DATA_DIR_ENV, resolve_data_dir
+from ..fingerprint import model_fingerprint
 from .benchmarks import BENCHMARKS, DIMENSIONS, Benchmark, load_docs, render_lm_eval_task
 from .perplexity import load_wikitext2_test, perplexity
 from .proxies import solution_nll
@@ -292,20 +293,6 @@ def resolve_plan(suite: str = "lite", *, limit: int | None = None, benchmarks: I
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap fingerprint of the weights: per-parameter shape, sum, sum of squares and zero count (sha256[:16]).
-
-    It separates a dense model from its pruned copies without reading every byte on the host.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = p.detach()
-            stats = torch.stack([x.float().sum(), x.float().square().sum(), (x == 0).sum().float()]).cpu().tolist()
-            h.update(f"{name}{tuple(x.shape)}{stats}".encode())
-    return h.hexdigest()[:16]
-
-
 def _data_revision(names: Iterable[str], data_dir: Path | None) -> str | None:
     """sha256[:16] of the offline files' contents the selected benchmarks read."""
     if data_dir is None:
@@ -408,6 +395,35 @@ def _run_lm_eval(model: nn.Module, tokenizer, names: list[str], plan: Mapping[st
     return out
 
 
+def _evaluate_study(model: nn.Module, tokenizer, *, benchmarks, dimensions, overrides, data_dir, cache_dir
+                    ) -> dict[str, Any]:
+    """``suite="study"``: the study suite's TEST items (:mod:`.study_suite`), summarised in :func:`evaluate`'s
+    format (``value`` = the primary score; every score, chance and the item count beside it)."""
+    from ..provenance import provenance
+    from .study_suite import STUDY_SUITE, evaluate_items
+
+    names = list(STUDY_SUITE) if benchmarks is None else ([benchmarks] if isinstance(benchmarks, str)
+                                                           else list(benchmarks))
+    if dimensions is not None:
+        dims = [dimensions] if isinstance(dimensions, str) else list(dimensions)
+        for dim in dims:
+            if dim not in DIMENSIONS:
+                raise _unknown("dimension", dim, DIMENSIONS)
+        names = [n for n in names if n in STUDY_SUITE and STUDY_SUITE[n].dimension in dims]
+    t0 = time.perf_counter()
+    res = evaluate_items(model, tokenizer, benchmarks=names, overrides=overrides, data_dir=data_dir,
+                         cache_dir=cache_dir)
+    out = {name: {"dimension": r["dimension"], "metric": r["primary"], "value": r["scores"][r["primary"]],
+                  "higher_is_better": r["primary"] != "nll", "n": r["n"], "scores": r["scores"],
+                  "time_s": r["seconds"]} for name, r in res["benchmarks"].items()}
+    prov = provenance()
+    prov["wall_s"] = time.perf_counter() - t0
+    return {"benchmarks": out, "dimensions": {d: {"benchmarks": [n for n in out if out[n]["dimension"] == d]}
+                                              for d in DIMENSIONS if any(b["dimension"] == d for b in out.values())},
+            "suite": "study", "config": {"suite": "study", "benchmarks": names, "overrides": overrides},
+            "provenance": prov}
+
+
 def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | None = None,
              benchmarks: Iterable[str] | None = None, dimensions: Iterable[str] | None = None,
              overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -419,7 +435,8 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
 
     Args:
         model, tokenizer: an already-loaded causal LM (any device/dtype) and its HF tokenizer.
-        suite: ``"lite"`` or ``"paper"``.
+        suite: ``"lite"``, ``"paper"`` or ``"study"`` (per-item scoring on the study suite's TEST items, see
+            :mod:`calibprune.evaluation.study_suite`; ``limit`` does not apply, ``overrides`` set its fields).
         limit: items per benchmark for every benchmark except WikiText-2 (whose knob is ``max_windows``).
         benchmarks, dimensions: evaluate only these (any registered benchmark may be named).
         overrides: per-benchmark options, e.g. ``{"mmlu": {"limit": 200, "num_fewshot": 5},
@@ -436,6 +453,9 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
         ``{"benchmarks": {name: {dimension, metric, value, higher_is_better, n, ...}}, "dimensions": {dim:
         {"benchmarks": [names]}}, "suite", "config", "provenance"}``.
     """
+    if suite == "study":
+        return _evaluate_study(model, tokenizer, benchmarks=benchmarks, dimensions=dimensions, overrides=overrides,
+                               data_dir=data_dir, cache_dir=cache_dir)
     plan = resolve_plan(suite, limit=limit, benchmarks=benchmarks, dimensions=dimensions, overrides=overrides,
                         data_dir=data_dir, offline=offline, allow_code_execution=allow_code_execution)
     names = list(plan["options"])

@@ -65,6 +65,42 @@ def _banner(ext_name: str, exc: BaseException, switch: str) -> str:
             f"{line}\n")
 
 
+def make_build_ext(base: type[build_ext], forced: set[str], status: dict) -> type[build_ext]:
+    """``base`` (torch's ``BuildExtension``) made optional per extension: in auto mode a failure prints a banner and
+    is recorded in ``status`` (written to ``_build_status.json`` next to the built extensions — in the source tree
+    for editable installs), never failing the install; an extension in ``forced`` fails it."""
+
+    class OptionalBuildExt(base):
+        def run(self):
+            try:
+                super().run()
+            finally:
+                self._write_status()
+
+        def build_extension(self, ext):
+            switch = "CALIBPRUNE_BUILD_CPP" if ext.name.endswith("_cpp") else "CALIBPRUNE_BUILD_CUDA"
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                status[ext.name] = {"status": "failed", "error": textwrap.shorten(str(exc) or repr(exc), 400),
+                                    "switch": switch}
+                if ext.name in forced:
+                    raise
+                sys.stderr.write(_banner(ext.name, exc, switch))
+                sys.stderr.flush()
+            else:
+                status[ext.name] = {"status": "built"}
+
+        def _write_status(self):
+            status["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            target = os.path.dirname(self.get_ext_fullpath("calibprune._status"))
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, STATUS_NAME), "w") as fh:
+                json.dump(status, fh, indent=1, sort_keys=True)
+
+    return OptionalBuildExt
+
+
 def _extensions() -> tuple[list, type[build_ext], dict]:
     cpp_switch, cuda_switch = _switch("CALIBPRUNE_BUILD_CPP"), _switch("CALIBPRUNE_BUILD_CUDA")
     status: dict = {}
@@ -111,45 +147,15 @@ def _extensions() -> tuple[list, type[build_ext], dict]:
                else "no CUDA toolkit found (CUDA_HOME / nvcc)")
         status["calibprune._cuda"] = {"status": "skipped", "reason": f"auto mode: {why}"}
 
-    class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Builds each extension; in auto mode a failure is a loud banner and a recorded status, never a failed
-        install. The status file lands next to the built extensions (in the source tree for editable installs)."""
-
-        def run(self):
-            try:
-                super().run()
-            finally:
-                self._write_status()
-
-        def build_extension(self, ext):
-            switch = "CALIBPRUNE_BUILD_CPP" if ext.name.endswith("_cpp") else "CALIBPRUNE_BUILD_CUDA"
-            try:
-                super().build_extension(ext)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
-                status[ext.name] = {"status": "failed", "error": textwrap.shorten(str(exc) or repr(exc), 400),
-                                    "switch": switch}
-                if ext.name in forced:
-                    raise
-                sys.stderr.write(_banner(ext.name, exc, switch))
-                sys.stderr.flush()
-            else:
-                status[ext.name] = {"status": "built"}
-
-        def _write_status(self):
-            status["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            target = os.path.dirname(self.get_ext_fullpath("calibprune._status"))
-            os.makedirs(target, exist_ok=True)
-            with open(os.path.join(target, STATUS_NAME), "w") as fh:
-                json.dump(status, fh, indent=1, sort_keys=True)
-
-    return exts, OptionalBuildExt.with_options(use_ninja=os.environ.get("CALIBPRUNE_USE_NINJA", "1") == "1"), status
+    cls = make_build_ext(cpp_extension.BuildExtension, forced, status)
+    return exts, cls.with_options(use_ninja=os.environ.get("CALIBPRUNE_USE_NINJA", "1") == "1"), status
 
 
-ext_modules, build_ext_cls, _status = _extensions()
-
-setup(
-    packages=find_packages(include=["calibprune", "calibprune.*"]) + ["calibprune.kernels"],
-    package_dir={"calibprune.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext_cls},
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import its helpers
+    ext_modules, build_ext_cls, _status = _extensions()
+    setup(
+        packages=find_packages(include=["calibprune", "calibprune.*"]) + ["calibprune.kernels"],
+        package_dir={"calibprune.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": build_ext_cls},
+    )

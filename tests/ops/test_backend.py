@@ -216,7 +216,8 @@ def test_explicit_missing_backend_error_says_why(monkeypatch, tmp_path):
     path.write_text(json.dumps({"calibprune._cpp": {"status": "skipped", "reason": "CALIBPRUNE_BUILD_CPP=0"}}))
     monkeypatch.setattr(_backend, "BUILD_STATUS_FILE", path)
     monkeypatch.setattr(_backend, "native_extension", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"calibprune._cpp is not available: it was not built \(CALIBPRUNE_BUILD_CPP=0"):
+    why = r"calibprune._cpp is not available: it was not built \(CALIBPRUNE_BUILD_CPP=0"
+    with pytest.raises(RuntimeError, match=why):
         _backend.resolve_backend("cpp", "cpu", ("torch", "cpp"), op="obs_prune")
 
 

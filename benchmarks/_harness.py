@@ -50,8 +50,29 @@ def environment(device: torch.device | str) -> dict:
     except ImportError:
         pass
     if torch.device(device).type == "cuda":
-        env["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update({"cuda": torch.version.cuda, "driver": cuda_driver_version(),
+                    "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count,
+                    "gpu_memory_gib": round(props.total_memory / 2**30, 1)})
     return env
+
+
+def cuda_driver_version() -> str:
+    """The NVIDIA driver version (nvidia-smi, else NVML), or "unknown"."""
+    try:
+        out = subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                      stderr=subprocess.DEVNULL, text=True, timeout=20)
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - NVML absent or not initialisable
+        return "unknown"
 
 
 def _sync(device: torch.device | str) -> None:

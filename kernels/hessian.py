@@ -9,6 +9,8 @@ use IEEE fp32 dot products in reference mode. Offsets are 64-bit: X reaches 2Â³Â
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,9 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_D": 128, "BLOCK_T": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_D": 128, "BLOCK_T": 64}, num_warps=8, num_stages=3),
 ]
+# CALIBPRUNE_TRITON_AUTOTUNE=0: the last config only, no tuning runs (test suites that compile many shapes).
+if os.environ.get("CALIBPRUNE_TRITON_AUTOTUNE", "1") == "0":
+    _GPU_CONFIGS = _GPU_CONFIGS[-1:]
 # The interpreter is for correctness only: one config, small tiles so that ragged edges are exercised.
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_D": 16, "BLOCK_T": 16}, num_warps=1)]
 

@@ -9,7 +9,8 @@ import torch
 from tiny_models import tiny_model
 
 from calibprune.calibration import CalibrationSet, igsp, self_cal, sgs
-from calibprune.calibration.generate import IGSP_SEED_PROMPTS, ScheduledTemperature, greedy_min_aggregation
+from calibprune.calibration.igsp import IGSP_SEED_PROMPTS, greedy_min_aggregation
+from calibprune.calibration.sampling import ScheduledTemperature
 from calibprune.metrics import calibration_perplexity, ngram_aggregation
 
 VOCAB = 96
@@ -103,7 +104,7 @@ def test_self_cal_no_padding_only_eos_separators(model, tok):
 
 
 def test_self_cal_without_bos_starts_from_eos(model, caplog):
-    with caplog.at_level(logging.INFO, logger="calibprune.calibration.generate"):
+    with caplog.at_level(logging.INFO, logger="calibprune.calibration"):
         calib = self_cal(model, NoBosTokenizer(), n=2, seqlen=16, cache=False, progress=False)
     _check_rows(calib, 2, 16)
     assert calib.provenance["start_token"] == EOS and calib.provenance["start_token_is_eos"]
@@ -175,7 +176,7 @@ def test_igsp_quotas_strata_and_selection(model, tok, cache):
 
 
 def test_igsp_determinism(model, tok):
-    kw = dict(n=4, seqlen=16, dimensions=["code", "math"], include_bos=False, cache=False, progress=False)
+    kw = dict(n=4, seqlen=24, dimensions=["code", "math"], include_bos=False, cache=False, progress=False)
     a, b, c = igsp(model, tok, seed=1, **kw), igsp(model, tok, seed=1, **kw), igsp(model, tok, seed=2, **kw)
     assert torch.equal(a.ids, b.ids) and a.row_sources == b.row_sources
     assert not torch.equal(a.ids, c.ids)
@@ -203,12 +204,44 @@ def test_greedy_beats_random_selection():
         greedy_min_aggregation(keys, slots, {0: 13})
 
 
-def test_igsp_repetition_filter_can_empty_the_pool(model, tok):
-    # Seed prompts long enough that every sample repeats 4-grams; a zero threshold then drops them all.
-    prompts = {"general": ["abcabcabcabcabcabc"]}
-    with pytest.raises(ValueError, match="repetition filter"):
-        igsp(model, tok, n=2, seqlen=24, dimensions=["general"], include_bos=False, seed_prompts=prompts,
-             max_sample_aggregation=0.0, cache=False, progress=False)
+def test_igsp_short_group_generates_more_then_relaxes(model, tok, cache):
+    """A group short of its quota after the filter generates more chunks (bounded), then admits its least
+    repetitive dropped samples; both are in the provenance and nothing fails."""
+    prompts = {"general": ["abcabcabcabcabcabc"]}  # every sample repeats 4-grams: a zero threshold drops them all
+    calib = igsp(model, tok, n=3, seqlen=24, dimensions=["general"], include_bos=False, seed_prompts=prompts,
+                 max_sample_aggregation=0.0, pool_factor=1.0, max_pool_factor=3.0, batch_size=2, **cache)
+    _check_rows(calib, 3, 24)
+    prov = calib.provenance
+    assert prov["pool_sizes"]["general"] == 10  # chunks of 2 up to ceil(3.0 * 3) = 9 samples
+    assert prov["topped_up"]["general"] == 10 - 4  # the first pool was ceil(1.0 * 3) -> 2 chunks = 4 samples
+    assert prov["relaxed"]["general"]["samples"] == 3
+    assert prov["generator"]["max_pool_factor"] == 3.0 and prov["generator"]["max_sample_aggregation"] == 0.0
+    # the larger pool extends the cached chunks: a second call with a larger bound generates only new chunks
+    again = igsp(model, tok, n=3, seqlen=24, dimensions=["general"], include_bos=False, seed_prompts=prompts,
+                 max_sample_aggregation=0.0, pool_factor=1.0, max_pool_factor=4.0, batch_size=2, **cache)
+    assert again.provenance["pool_chunks"]["general"] == {"cached": 5, "generated": 1}
+
+
+def test_igsp_top_up_fills_without_relaxing(model, tok):
+    # a loose threshold keeps everything: no top-up, no relaxation
+    calib = igsp(model, tok, n=4, seqlen=24, dimensions=["code"], include_bos=True, cache=False, progress=False,
+                 max_sample_aggregation=1.0, batch_size=4)
+    assert calib.provenance["topped_up"] == {"code": 0, "bos": 0} and calib.provenance["relaxed"] == {}
+
+
+def test_igsp_bos_share_and_prompts_per_dimension(model, tok):
+    calib = igsp(model, tok, n=10, seqlen=24, dimensions=["code", "math"], bos_share=0.4, prompts_per_dimension=2,
+                 cache=False, progress=False, max_sample_aggregation=1.0, strata=1, batch_size=4)
+    prov = calib.provenance
+    assert prov["quotas"] == {"code": 3, "math": 3, "bos": 4}
+    assert sorted(calib.row_sources) == ["igsp:bos"] * 4 + ["igsp:code"] * 3 + ["igsp:math"] * 3
+    assert prov["generator"]["seed_prompts"] == {"code": list(IGSP_SEED_PROMPTS["code"][:2]),
+                                                 "math": list(IGSP_SEED_PROMPTS["math"][:2])}
+    assert set(p for p, s in zip(prov["row_seed_prompts"], calib.row_sources) if s == "igsp:code") <= \
+        set(IGSP_SEED_PROMPTS["code"][:2])
+    only_bos = igsp(model, tok, n=5, seqlen=16, dimensions=[], include_bos=True, cache=False, progress=False,
+                    max_sample_aggregation=1.0, batch_size=4)
+    assert only_bos.row_sources == ["igsp:bos"] * 5 and only_bos.provenance["quotas"] == {"bos": 5}
 
 
 # --- caching -------------------------------------------------------------------------------------------------------
@@ -220,13 +253,13 @@ def test_pool_cache_reused(model, tok, cache, monkeypatch, caplog, fn, kw):
     first = fn(model, tok, n=4, seqlen=16, seed=7, **kw, **cache)
     assert not first.provenance["pool_cached"]
     files = list(cache["cache_dir"].glob("*.pt"))
-    assert len(files) == 1 and not list(cache["cache_dir"].glob("*.tmp"))
+    assert len(files) == (2 if fn is igsp else 1) and not list(cache["cache_dir"].glob("*.tmp"))  # igsp: per chunk
 
     def refuse(*args, **kwargs):
         raise AssertionError("generate called although the pool is cached")
 
     monkeypatch.setattr(type(model), "generate", refuse)
-    with caplog.at_level(logging.INFO, logger="calibprune.calibration.generate"):
+    with caplog.at_level(logging.INFO, logger="calibprune.calibration"):
         second = fn(model, tok, n=4, seqlen=16, seed=7, **kw, **cache)
     assert second.provenance["pool_cached"] and "loaded cached pool" in caplog.text
     assert torch.equal(first.ids, second.ids) and first.row_sources == second.row_sources
@@ -238,7 +271,7 @@ def test_pool_cache_key_depends_on_weights(tok, cache):
     a = self_cal(tiny_model("llama", seed=0), tok, n=2, seqlen=8, **cache)
     b = self_cal(tiny_model("llama", seed=1), tok, n=2, seqlen=8, **cache)
     assert a.provenance["pool_path"] != b.provenance["pool_path"]
-    assert a.provenance["model"]["weights_sha256"] != b.provenance["model"]["weights_sha256"]
+    assert a.provenance["model"]["fingerprint"] != b.provenance["model"]["fingerprint"]
 
 
 # --- errors --------------------------------------------------------------------------------------------------------
@@ -257,8 +290,12 @@ def test_pool_cache_key_depends_on_weights(tok, cache):
     (igsp, {"dimensions": ["general", "poetry"]}, "unknown IGSP dimension"),
     (igsp, {"seqlen": 6, "dimensions": ["commonsense"]}, "no room"),
     (igsp, {"strata": 0}, "strata"),
+    (igsp, {"bos_share": 1.5}, "bos_share"),
+    (igsp, {"pool_factor": 3.0, "max_pool_factor": 2.0}, "max_pool_factor"),
+    (igsp, {"prompts_per_dimension": 0}, "prompts_per_dimension"),
 ], ids=["selfcal-n0", "selfcal-seqlen1", "selfcal-t0", "sgs-n0", "sgs-seqlen1", "sgs-short-docs", "sgs-pool-small",
-        "sgs-sample-tokens", "igsp-n0", "igsp-seqlen1", "igsp-dimension", "igsp-long-seed", "igsp-strata0"])
+        "sgs-sample-tokens", "igsp-n0", "igsp-seqlen1", "igsp-dimension", "igsp-long-seed", "igsp-strata0",
+        "igsp-bos-share", "igsp-max-pool", "igsp-prompts"])
 def test_bad_input(model, tok, fn, kw, match):
     args = {"n": 2, "seqlen": 16, "cache": False, "progress": False, **kw}
     with pytest.raises(ValueError, match=match):

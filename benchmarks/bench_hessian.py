@@ -1,11 +1,15 @@
 """Benchmark ``hessian_update`` (running-average SparseGPT Hessian, H ← β·H + α·XᵀX) across backends.
 
 Providers: ``reference`` (IST-DASLab add_batch), ``torch``, ``triton`` and ``cuda`` (GPU only; the Triton
-interpreter on CPU is not a meaningful provider). Shapes: SmolLM2-135M widths with 32×512 tokens on CPU,
-Llama-3-8B widths with 128×2048 tokens on GPU; X in fp32 and bf16. Each row records p20/p50/p80 seconds and the
-speed-up over the reference measured in the same run.
+interpreter on CPU is not a meaningful provider), each also as ``<backend>+fast`` (``numerics="fast"``: the upper
+triangle only, plus the one mirror of ``hessian_finalize``, timed together). Shapes: SmolLM2-135M widths with
+32×512 tokens on CPU, Llama-3-8B widths with 128×2048 tokens on GPU; X in fp32 and bf16. Each row records
+p20/p50/p80 seconds, the speed-up over the reference measured in the same run and the relative error against it.
 
-    python benchmarks/bench_hessian.py [--device cpu|cuda] [--repeats 5] [--quick]
+``--variants`` times the CPU candidates for the fast update instead (the choice in ``hessian/torch_impl.py``):
+one full ``addmm_(beta, alpha)``, and upper-triangle row blocks of 128/256/512 rows.
+
+    python benchmarks/bench_hessian.py [--device cpu|cuda] [--repeats 5] [--quick] [--variants]
 """
 from __future__ import annotations
 
@@ -18,7 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, measure, print_table, write_rows  # noqa: E402
 
-from calibprune.ops import available_backends, hessian_update, hessian_update_reference  # noqa: E402
+from calibprune.ops import (  # noqa: E402
+    available_backends,
+    hessian_finalize,
+    hessian_update,
+    hessian_update_reference,
+)
+from calibprune.ops.hessian.torch_impl import hessian_update_torch_fast  # noqa: E402
 
 CPU_CASES = [(32, 512, 576), (32, 512, 1536)]          # (sequences, tokens per sequence, d): SmolLM2-135M
 GPU_CASES = [(128, 2048, 4096), (128, 2048, 14336)]    # Llama-3-8B
@@ -31,7 +41,7 @@ def providers(device: torch.device) -> list[str]:
     for name in ("triton", "cuda"):
         if name in avail and not (name == "triton" and device.type == "cpu"):
             found.append(name)
-    return found
+    return found + [p + "+fast" for p in found if p != "reference"]
 
 
 def main(device: str = "cpu", repeats: int = 5, quick: bool = False) -> list[dict]:
@@ -55,23 +65,58 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False) -> list[dic
                 state["H"] = H0.clone()
 
             ref_p50 = None
+            expected = H0.clone()
+            hessian_update_reference(expected, X, 7)
             for provider in providers(dev):
+                backend, _, fast = provider.partition("+")
+                numerics = "fast" if fast else "reference"
                 if provider == "reference":
                     def fn():
                         return hessian_update_reference(state["H"], X, 7)
                 else:
-                    def fn(provider=provider):
-                        return hessian_update(state["H"], X, 7, backend=provider)
+                    def fn(backend=backend, numerics=numerics):
+                        hessian_update(state["H"], X, 7, backend=backend, numerics=numerics)
+                        return hessian_finalize(state["H"], numerics=numerics)
                 tm = measure(fn, device=dev, warmup=1, repeats=repeats, setup=setup)
                 if provider == "reference":
                     ref_p50 = tm["p50"]
                 flops = 2.0 * b * t * d * d  # as a full GEMM, for comparability across providers
+                rel = ((state["H"] - expected).norm() / expected.norm()).item()
                 rows_out.append({
                     "bench": "hessian_update", "provider": provider, "shape": f"{b}x{t}x{d}", "dtype": dname, **tm,
-                    "speedup_vs_reference": ref_p50 / tm["p50"], "gflops_equiv": flops / tm["p50"] / 1e9, **env})
+                    "speedup_vs_reference": ref_p50 / tm["p50"], "gflops_equiv": flops / tm["p50"] / 1e9,
+                    "rel_err_vs_reference": rel, **env})
             X = None  # free the activations before the next (possibly 14336-wide) case
     print_table(rows_out, ["shape", "dtype", "provider", "p20", "p50", "p80", "speedup_vs_reference",
-                           "gflops_equiv"])
+                           "gflops_equiv", "rel_err_vs_reference"])
+    path = write_rows("bench_hessian", rows_out)
+    print(f"\nrows appended to {path}")
+    return rows_out
+
+
+def variants(repeats: int = 5) -> list[dict]:
+    """Time the CPU candidates for the fast update against the reference sequence, on SmolLM2-135M widths."""
+    env = environment("cpu")
+    rows_out = []
+    for b, t, d in CPU_CASES:
+        gen = torch.Generator().manual_seed(d)
+        X2d = torch.randn(b * t, d, generator=gen)
+        A = torch.randn(d, d, generator=gen)
+        H0 = A @ A.t() / d
+        state: dict[str, torch.Tensor] = {}
+        beta, alpha = 7 / (7 + b), 2 / (7 + b)
+        cands = {"reference sequence": lambda: hessian_update_reference(state["H"], X2d.reshape(b, t, d), 7),
+                 "addmm_(beta, alpha), full": lambda: state["H"].addmm_(X2d.t(), X2d, beta=beta, alpha=alpha)}
+        for block in (128, 256, 512):
+            cands[f"upper row blocks of {block}"] = lambda block=block: hessian_update_torch_fast(
+                state["H"], X2d, beta, alpha, block=block)
+        ref = None
+        for name, fn in cands.items():
+            tm = measure(fn, warmup=1, repeats=repeats, setup=lambda: state.update(H=H0.clone()))
+            ref = ref or tm["p50"]
+            rows_out.append({"bench": "hessian_fast_variants", "provider": name, "shape": f"{b}x{t}x{d}",
+                             "dtype": "fp32", **tm, "speedup_vs_reference": ref / tm["p50"], **env})
+    print_table(rows_out, ["shape", "provider", "p20", "p50", "p80", "speedup_vs_reference"])
     path = write_rows("bench_hessian", rows_out)
     print(f"\nrows appended to {path}")
     return rows_out
@@ -82,5 +127,9 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one shape, at most 2 repeats")
+    parser.add_argument("--variants", action="store_true", help="time the CPU candidates for numerics='fast'")
     args = parser.parse_args()
-    main(args.device, args.repeats, args.quick)
+    if args.variants:
+        variants(args.repeats)
+    else:
+        main(args.device, args.repeats, args.quick)

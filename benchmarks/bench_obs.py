@@ -1,11 +1,17 @@
 """Benchmark ``obs_prune`` (SparseGPT OBS prune of one weight matrix) across backends.
 
 Providers: ``reference`` (IST-DASLab fasterprune line for line), ``torch``, ``cpp`` (CPU), ``triton`` and ``cuda``
-(GPU only; the Triton interpreter on CPU is not a meaningful provider). Shapes: SmolLM2-135M projections on CPU,
-Llama-3-8B projections on GPU. H is a realistic, well-conditioned Hessian 2/n·XᵀX from correlated random inputs.
-Each row records p20/p50/p80 seconds and the speed-up over the reference measured in the same run.
+(GPU only; the Triton interpreter on CPU is not a meaningful provider), each also as ``<backend>+fast``
+(``numerics="fast"``: the one-Cholesky reversed factor, one fused addmm per trailing update). Shapes: SmolLM2-135M
+projections on CPU, Llama-3-8B projections on GPU. H is a realistic, well-conditioned Hessian 2/n·XᵀX from
+correlated random inputs. Each row records p20/p50/p80 seconds, the speed-up over the reference measured in the same
+run, whether the weights are bitwise the reference's, and the quality contract (mask agreement, reconstruction error
+against the reference's; ``calibprune.ops.contract``).
 
-    python benchmarks/bench_obs.py [--device cpu|cuda] [--repeats 5] [--quick]
+``--thresholds`` times the exact block-threshold candidates instead (sort, kthvalue, topk: the same value, so the
+choice in ``obs/torch_impl.py`` changes no bit).
+
+    python benchmarks/bench_obs.py [--device cpu|cuda] [--repeats 5] [--quick] [--thresholds]
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, measure, print_table, write_rows  # noqa: E402
 
-from calibprune.ops import available_backends, obs_prune, obs_prune_reference  # noqa: E402
+from calibprune.ops import available_backends, check_contract, obs_prune, obs_prune_reference  # noqa: E402
 
 CPU_SHAPES = [(576, 576), (1536, 576), (576, 1536)]          # SmolLM2-135M: q/o, up/gate, down
 GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]     # Llama-3-8B: q/o, up/gate, down
@@ -34,15 +40,13 @@ def realistic_hessian(cols: int, device: torch.device, *, tokens: int = 4096, se
 
 
 def providers(device: torch.device) -> list[str]:
-    """Reference first, then every backend here; the fastest compiled one again with the cheaper U factor
-    (``<backend>+reversed``: one Cholesky + one triangular inverse, equal to the reference's U up to rounding)."""
+    """Reference first, then every backend here, then each backend with ``numerics="fast"``."""
     found = ["reference", "torch"]
     avail = available_backends(device)
     for name in ("cpp", "triton", "cuda"):
         if name in avail and not (name == "triton" and device.type == "cpu"):
             found.append(name)
-    found.append(found[-1] + "+reversed")
-    return found
+    return found + [p + "+fast" for p in found if p != "reference"]
 
 
 def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: float = 0.5,
@@ -64,7 +68,7 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: f
             def setup() -> None:
                 state["W"], state["H"] = W0.clone(), H0.clone()
 
-            ref_mask = None
+            ref_mask = ref_W = None
             ref_p50 = None
             for provider in providers(dev):
                 if provider == "reference":
@@ -72,24 +76,55 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: f
                         return obs_prune_reference(state["W"], state["H"], sparsity, prune_n=n, prune_m=m,
                                                    blocksize=blocksize)[0]
                 else:
-                    backend, _, method = provider.partition("+")
-                    def fn(backend=backend, method=method or "chol_inverse"):
+                    backend, _, fast = provider.partition("+")
+                    def fn(backend=backend, numerics="fast" if fast else "reference"):
                         return obs_prune(state["W"], state["H"], sparsity, prune_n=n, prune_m=m,
-                                         blocksize=blocksize, backend=backend, inverse_method=method)
+                                         blocksize=blocksize, backend=backend, numerics=numerics)
                 setup()
                 mask = fn()  # also the warm-up for compiled kernels
                 if ref_mask is None:
-                    ref_mask = mask
-                mask_equal = bool(torch.equal(mask, ref_mask))
-                t = measure(fn, device=dev, warmup=1, repeats=repeats, setup=setup)
+                    ref_mask, ref_W = mask, state["W"].clone()
+                contract = check_contract(W0, H0, ref_W, ref_mask, state["W"], mask)
+                bitwise = bool(torch.equal(mask, ref_mask) and torch.equal(state["W"], ref_W))
+                t = measure(fn, device=dev, warmup=0, repeats=repeats, setup=setup)
                 if provider == "reference":
                     ref_p50 = t["p50"]
                 rows_out.append({
                     "bench": "obs_prune", "provider": provider, "shape": f"{rows}x{cols}", "pattern": pattern,
                     "blocksize": blocksize, "sparsity": sparsity if not n else None, **t,
-                    "speedup_vs_reference": ref_p50 / t["p50"], "mask_equal_reference": mask_equal, **env})
+                    "speedup_vs_reference": ref_p50 / t["p50"], "mask_equal_reference": bool(torch.equal(mask,
+                                                                                                       ref_mask)),
+                    "bitwise_reference": bitwise, "mask_agreement": contract.mask_agreement,
+                    "recon_rel_diff": contract.recon_rel_diff, "contract_ok": contract.ok, **env})
     print_table(rows_out, ["shape", "pattern", "provider", "p20", "p50", "p80", "speedup_vs_reference",
-                           "mask_equal_reference"])
+                           "bitwise_reference", "mask_agreement", "recon_rel_diff"])
+    path = write_rows("bench_obs", rows_out)
+    print(f"\nrows appended to {path}")
+    return rows_out
+
+
+def thresholds(device: str = "cpu", repeats: int = 20, blocksize: int = 128, sparsity: float = 0.5) -> list[dict]:
+    """sorted(score)[k] three ways on one block of scores ``[rows, blocksize]``: full sort (the reference's), k-th
+    value, and top-k (its largest of the k+1 smallest); all exact, so they agree bit for bit."""
+    dev = torch.device(device)
+    env = environment(dev)
+    rows_out = []
+    for rows in sorted({r for r, _ in (GPU_SHAPES if dev.type == "cuda" else CPU_SHAPES)}):
+        score = torch.rand(rows, blocksize, generator=torch.Generator().manual_seed(rows)).square().to(dev)
+        flat = score.flatten()
+        k = int(flat.numel() * sparsity)
+        cands = {"sort": lambda: torch.sort(flat)[0][k],
+                 "kthvalue": lambda: torch.kthvalue(flat, k + 1).values,
+                 "topk": lambda: torch.topk(flat, k + 1, largest=False, sorted=False).values.max()}
+        values = {name: float(fn()) for name, fn in cands.items()}
+        assert len(set(values.values())) == 1, f"threshold candidates disagree: {values}"
+        ref = None
+        for name, fn in cands.items():
+            tm = measure(fn, device=dev, warmup=2, repeats=repeats)
+            ref = ref or tm["p50"]
+            rows_out.append({"bench": "obs_threshold", "provider": name, "shape": f"{rows}x{blocksize}", **tm,
+                             "speedup_vs_sort": ref / tm["p50"], **env})
+    print_table(rows_out, ["shape", "provider", "p20", "p50", "p80", "speedup_vs_sort"])
     path = write_rows("bench_obs", rows_out)
     print(f"\nrows appended to {path}")
     return rows_out
@@ -101,5 +136,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one shape, at most 2 repeats")
     parser.add_argument("--blocksize", type=int, default=128)
+    parser.add_argument("--thresholds", action="store_true", help="time the exact block-threshold candidates")
     args = parser.parse_args()
-    main(args.device, args.repeats, args.quick, blocksize=args.blocksize)
+    if args.thresholds:
+        thresholds(args.device, args.repeats)
+    else:
+        main(args.device, args.repeats, args.quick, blocksize=args.blocksize)

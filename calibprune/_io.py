@@ -75,6 +75,8 @@ def file_lock(target: str | os.PathLike) -> Iterator[Path]:
         except BlockingIOError:
             log.info("waiting for another process working on %s (lock %s)", target, lock)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on some network file systems: the writers stay atomic regardless
+            log.warning("cannot lock %s (%s); going on without the lock", lock, exc.strerror or exc)
         yield lock
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -243,3 +243,16 @@ def test_pool_file_is_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_file_lock_degrades_where_locks_are_unsupported(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _io.file_lock(tmp_path / "entry") as lock:
+        assert lock.name == ".entry.lock"
+    assert "going on without the lock" in caplog.text

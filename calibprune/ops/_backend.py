@@ -95,6 +95,29 @@ def available_backends(device: torch.device | str) -> list[str]:
     return found
 
 
+# The order `auto` tries backends in, per (op, device type, numerics). CPU rows are measured (benchmarks/RESULTS.md:
+# the cpp OBS kernel beats the torch loop at every SmolLM2 shape; the Hessian has only the torch backend on CPU).
+# GPU rows are priors, not measurements (no GPU was lent when they were set): the fused OBS loop on chip before the
+# per-column torch loop; the half-flop SYRK kernels for reference-numerics Hessians; cuBLAS (torch, TF32/bf16 tensor
+# cores) first for fast Hessians, as the review expected. benchmarks/gpu_check.sh measures every provider: update
+# these rows from its SUMMARY.
+AUTO_ORDER: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("obs_prune", "cpu", "reference"): ("cpp", "torch"),
+    ("obs_prune", "cpu", "fast"): ("cpp", "torch"),
+    ("hessian_update", "cpu", "reference"): ("torch",),
+    ("hessian_update", "cpu", "fast"): ("torch",),
+    ("obs_prune", "cuda", "reference"): ("cuda", "triton", "torch"),
+    ("obs_prune", "cuda", "fast"): ("cuda", "triton", "torch"),
+    ("hessian_update", "cuda", "reference"): ("cuda", "triton", "torch"),
+    ("hessian_update", "cuda", "fast"): ("torch", "triton", "cuda"),
+}
+
+
+def auto_order(op: str, device: torch.device | str, numerics: str = "reference") -> tuple[str, ...] | None:
+    """The backend order ``auto`` tries for ``op`` on ``device`` (None: the generic default)."""
+    return AUTO_ORDER.get((op, torch.device(device).type, numerics))
+
+
 def check_numerics(numerics: str) -> str:
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
@@ -103,17 +126,19 @@ def check_numerics(numerics: str) -> str:
 
 def resolve_backend(backend: str, device: torch.device | str, supported: tuple[str, ...], *, op: str,
                     auto_order: tuple[str, ...] | None = None,
-                    cannot_take: Callable[[str], str | None] | None = None) -> str:
+                    cannot_take: Callable[[str], str | None] | None = None, numerics: str = "reference") -> str:
     """Turn ``backend`` (one of ``BACKENDS`` or ``"auto"``) into a concrete backend for ``op`` on ``device``.
 
-    ``auto`` takes the first of ``auto_order`` (default: cuda, triton on GPU; cpp, torch on CPU) that is available,
-    that ``op`` supports and that can take the inputs (``cannot_take(backend)`` returns None, else the reason).
+    ``auto`` takes the first of ``auto_order`` (default: :data:`AUTO_ORDER` for ``(op, device type, numerics)``,
+    else cuda, triton, torch on GPU and cpp, torch on CPU) that is available, that ``op`` supports and that can take
+    the inputs (``cannot_take(backend)`` returns None, else the reason).
     Triton is never chosen automatically on CPU: the interpreter is for tests only. An explicit backend that
     cannot run raises a ``RuntimeError`` (not available here) or ``ValueError`` (cannot take these inputs).
     """
     device = torch.device(device)
     if backend == "auto":
-        order = auto_order or (("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch"))
+        order = (auto_order or AUTO_ORDER.get((op, device.type, numerics))
+                 or (("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")))
         avail = available_backends(device)
         for cand in order:
             if cand in supported and cand in avail and (cannot_take is None or cannot_take(cand) is None):

@@ -58,6 +58,20 @@ def test_auto_takes_torch_for_fp64_hessian(H_dtype, X_dtype):
     assert torch.equal(H, expected)
 
 
+def test_auto_order_table():
+    from calibprune.ops.hessian import SUPPORTED as HESSIAN
+    from calibprune.ops.obs import SUPPORTED as OBS
+
+    for (op, device, numerics), order in _backend.AUTO_ORDER.items():
+        assert numerics in _backend.NUMERICS and device in ("cpu", "cuda")
+        assert set(order) <= set({"obs_prune": OBS, "hessian_update": HESSIAN}[op]), (op, order)
+        assert "triton" not in order or device == "cuda", "auto never picks the Triton interpreter on CPU"
+    cpp = _backend.native_extension("_cpp") is not None
+    for numerics in _backend.NUMERICS:
+        got = _backend.resolve_backend("auto", "cpu", OBS, op="obs_prune", numerics=numerics)
+        assert got == ("cpp" if cpp else "torch")
+
+
 def test_resolve_backend_auto_skips_what_cannot_take():
     chosen = _backend.resolve_backend("auto", "cpu", ("torch", "cpp"), op="x", auto_order=("cpp", "torch"),
                                       cannot_take=lambda b: "no" if b == "cpp" else None)

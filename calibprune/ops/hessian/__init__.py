@@ -80,7 +80,8 @@ def hessian_update(H: torch.Tensor, X: torch.Tensor, nsamples: int, *, backend: 
     total = nsamples + batch
     beta, alpha = nsamples / total, 2.0 / total
     X2d = X.flatten(0, -2) if X.dim() == 3 else X  # flatten, unlike reshape(-1, d), also takes d == 0
-    chosen = resolve_backend(backend, H.device, SUPPORTED, op="hessian_update", cannot_take=_cannot_take(H, X2d))
+    chosen = resolve_backend(backend, H.device, SUPPORTED, op="hessian_update", cannot_take=_cannot_take(H, X2d),
+                             numerics=numerics)
     fast = numerics == "fast"
     if H.shape[0] == 0:
         return total

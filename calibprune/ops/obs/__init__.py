@@ -129,7 +129,8 @@ def obs_prune(
     if method not in METHODS:
         raise ValueError(f"inverse_method must be one of {METHODS}, got {inverse_method!r}")
     chosen = resolve_backend(backend, W.device, SUPPORTED, op="obs_prune",
-                             cannot_take=_cannot_take(W, blocksize, prune_m))
+                             cannot_take=_cannot_take(W, blocksize, prune_m),
+                             numerics=numerics)
     rows = W.shape[0]
     if rows == 0 or cols == 0:
         mask = torch.zeros_like(W, dtype=torch.bool)

@@ -117,6 +117,21 @@ def summarize(status_path: Path, jsonl: Path, tests_log: Path, sanitizer_log: Pa
 
         lines.append(f"  GOAL e2e fused >= 5x reference: {_goal(met('fused', 5))}; "
                      f"fast >= 10x: {_goal(met('fast', 10))}")
+    # The measured backend order, to set calibprune.ops._backend.AUTO_ORDER from.
+    order_lines = []
+    for bench, keys in (("gpu_hessian", ("shape", "dtype")), ("gpu_obs", ("shape", "pattern"))):
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r.get("bench") == bench and "error" not in r and r["provider"] != "reference" and r.get("p50"):
+                numerics = "fast" if "+fast" in r["provider"] else "reference"
+                groups.setdefault((bench[4:], numerics) + tuple(r[k] for k in keys), []).append(r)
+        for key, rs in groups.items():
+            ranked = sorted(rs, key=lambda r: r["p50"])
+            order_lines.append(f"  {' '.join(map(str, key))}: " + " < ".join(
+                f"{r['provider'].split('+')[0]} ({r['p50']:.3g}s)" for r in ranked))
+    if order_lines:
+        lines.append("measured backend order (fastest first; for AUTO_ORDER):")
+        lines.extend(order_lines)
     if sanitizer_log is not None and sanitizer_log.exists():
         text = sanitizer_log.read_text()
         summaries = re.findall(r"ERROR SUMMARY: \d+ errors?|RACECHECK SUMMARY: .*", text)

@@ -1,4 +1,5 @@
-"""The calibration study: Spearman statistics, validation before any work, report, kill-and-resume."""
+"""The calibration study: validation before any work, the staged run list, study.json from runs, the report with its
+verdict table, compact run records, and kill-and-resume of the real command on a tiny model."""
 from __future__ import annotations
 
 import json
@@ -10,50 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from test_evaluation import HAS_DATA, HAS_LM_EVAL, byte_tokenizer
+from test_evaluation import HAS_DATA, byte_tokenizer
 
-from calibprune.study import METRICS, TARGETS, plan_study, spearman_table, write_report
+from calibprune.study import build_study, plan_runs, plan_study, spearman_table, write_report
+from calibprune.study.plan import resolve_seeded, run_id, unresolved_runs
+from calibprune.study.run import compact_record, expand_record
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="offline data not found (set CALIBPRUNE_DATA_DIR)")
-needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install 'calibprune[eval]')")
+
+SMALL = {"lambada": {"test": 6, "dev": 2, "primary": "nll"}, "piqa": {"test": 6, "dev": 2},
+         "mbpp_nll": {"test": 5, "dev": 2}, "gsm8k_nll": {"test": 5, "dev": 2}}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Spearman
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _rows(xs, ys, metric="perplexity", target="general"):
-    return {f"e{i}": {"metrics": {metric: x}, "retention": {target: y}} for i, (x, y) in enumerate(zip(xs, ys))}
-
-
-def test_spearman_matches_hand_formula():
-    # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
-    xs = [12.0, 3.5, 40.0, 7.0, 25.0, 1.0]
-    ys = [0.5, 0.9, 0.1, 0.7, 0.2, 0.6]
-    rx = [sorted(xs).index(x) + 1 for x in xs]
-    ry = [sorted(ys).index(y) + 1 for y in ys]
-    n = len(xs)
-    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
-    cell = spearman_table(_rows(xs, ys), metrics=["perplexity"], targets=["general"])["perplexity"]["general"]
-    assert cell["n"] == n and cell["rho"] == pytest.approx(rho)
-    assert 0.0 <= cell["p"] <= 1.0
-
-
-def test_spearman_edge_cases():
-    up = spearman_table(_rows([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4]), ["perplexity"], ["general"])
-    assert up["perplexity"]["general"]["rho"] == pytest.approx(1.0)
-    down = spearman_table(_rows([1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1]), ["perplexity"], ["general"])
-    assert down["perplexity"]["general"]["rho"] == pytest.approx(-1.0)
-    # a non-finite value drops only that point; a constant column or < 3 points gives no rho
-    nan = spearman_table(_rows([1, 2, 3, 4], [0.1, math.nan, 0.3, 0.4]), ["perplexity"], ["general"])
-    assert nan["perplexity"]["general"]["n"] == 3 and nan["perplexity"]["general"]["rho"] == pytest.approx(1.0)
-    const = spearman_table(_rows([1, 2, 3], [0.5, 0.5, 0.5]), ["perplexity"], ["general"])
-    assert const["perplexity"]["general"]["rho"] is None
-    few = spearman_table(_rows([1, 2], [0.1, 0.2]), ["perplexity"], ["general"])
-    assert few["perplexity"]["general"] == {"rho": None, "p": None, "n": 2}
+def _spec(**kw):
+    base = dict(sources="c4,gsm8k,mbpp,alpaca", constructed="mix,self-cal,sgs,igsp", n=8, seqlen=32,
+                benchmarks=list(SMALL), eval_overrides=SMALL, seeds=[0, 1, 2], n_boot=400)
+    return plan_study("m", **{**base, **kw})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,96 +38,173 @@ def test_spearman_edge_cases():
 
 
 @needs_data
-@needs_lm_eval
 def test_plan_errors(tmp_path):
-    ok = dict(sources="c4,gsm8k", constructed="mix", n=4, seqlen=32, benchmarks="wikitext2,gsm8k_nll")
-    spec = plan_study("m", **ok)
-    assert spec["entries"] == ["c4", "gsm8k", "mix"] and spec["out_dir"] == str(Path("results") / "m")
-    with pytest.raises(ValueError, match="Did you mean 'gsm8k'"):
-        plan_study("m", **{**ok, "sources": "c4,gsm8"})
-    with pytest.raises(ValueError, match="unknown constructed set 'igps'"):
-        plan_study("m", **{**ok, "constructed": "mix,igps"})
-    with pytest.raises(ValueError, match="unknown dimension|unknown benchmark 'gsm8k_nl'"):
-        plan_study("m", **{**ok, "benchmarks": "wikitext2,gsm8k_nl"})
-    with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
-        plan_study("m", **ok, sparsities=[0.6, 1.2])
-    with pytest.raises(ValueError, match="at least 3 entries"):
-        plan_study("m", **{**ok, "constructed": "none"})
-    with pytest.raises(ValueError, match="unknown option.*pool_factr"):
-        plan_study("m", **ok, generator_options={"igsp": {"pool_factr": 3}})
-    with pytest.raises(ValueError, match="unknown option.*max_windowz"):
-        plan_study("m", **ok, eval_overrides={"wikitext2": {"max_windowz": 3}})
+    spec = _spec()
+    assert spec["entries"] == ["c4", "gsm8k", "mbpp", "alpaca", "mix", "self-cal", "sgs", "igsp"]
+    assert spec["out_dir"] == str(Path("results") / "m")
+    bad = [({"sources": "c4,gsm8"}, ValueError, "Did you mean 'gsm8k'"),
+           ({"constructed": "mix,igps"}, ValueError, "unknown constructed set 'igps'"),
+           ({"benchmarks": ["piqa", "hellaswg"], "eval_overrides": None}, ValueError, "not in the study suite"),
+           ({"sparsities": [0.6, 1.2]}, ValueError, r"sparsity must be in \(0, 1\)"),
+           ({"sources": "c4", "constructed": "self-cal"}, ValueError, "at least 3 entries"),
+           ({"generator_options": {"igsp": {"pool_factr": 3}}}, ValueError, "unknown option.*pool_factr"),
+           ({"eval_overrides": {"piqa": {"limit": 3}}}, ValueError, "unknown field.*limit"),
+           ({"variants": {"v": {"generator": "igsp", "options": {"strat": 1}}}}, ValueError, "unknown option.*strat"),
+           ({"variants": {"c4": {"generator": "igsp", "options": {}}}}, ValueError, "clashes"),
+           ({"seeded": ["c4", "best"]}, ValueError, "seeded entry 'best'"),
+           ({"pruners": ["sparsegpt", "obc"]}, ValueError, "unknown pruner 'obc'"),
+           ({"seeds": [0, 0]}, ValueError, "distinct"),
+           ({"split": "train"}, ValueError, "split"),
+           ({"eval_dtype": "float16"}, ValueError, "eval_dtype")]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            _spec(**kw)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=str(empty)):  # says where it looked
-        plan_study("m", **ok, data_dir=empty, data_source="offline")
+        _spec(data_dir=empty, data_source="offline")
 
 
-def test_dotted_options_parse():
-    from calibprune.cli import _dotted_options
-
-    assert _dotted_options(["igsp.pool_factor=3", "sgs.source=c4", "igsp.include_bos=false"], "--x") == {
-        "igsp": {"pool_factor": 3, "include_bos": False}, "sgs": {"source": "c4"}}
-    with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
-        _dotted_options(["pool_factor=3"], "--x")
+@needs_data
+def test_run_list_stages():
+    spec = _spec(seeds=[0, 1], seeded=["c4", "best:1", "mix"], pruners=["sparsegpt", "wanda"],
+                 pruner_entries=["sources", "mix"])
+    first = plan_runs(spec)
+    ids = [r.id for r in first]
+    # stage 1: every entry, first seed, main pruner; stage 2: the named seeded entries; stage 3: wanda
+    assert ids[:8] == [run_id(e, 0, "sparsegpt", 0.6) for e in spec["entries"]]
+    assert ids[8:10] == [run_id("c4", 1, "sparsegpt", 0.6), run_id("mix", 1, "sparsegpt", 0.6)]
+    assert ids[10:] == [run_id(e, 0, "wanda", 0.6) for e in ("c4", "gsm8k", "mbpp", "alpaca", "mix")]
+    assert unresolved_runs(spec) == 1  # best:1 waits for the single sources' stage-1 results
+    totals = {"c4": 0.4, "gsm8k": 0.5, "mbpp": 0.55, "alpaca": 0.55}
+    assert resolve_seeded(spec, totals) == (["c4", "alpaca", "mix"], 0)  # tie at 0.55: by name
+    resolved = [r.id for r in plan_runs(spec, totals)]
+    assert run_id("alpaca", 1, "sparsegpt", 0.6) in resolved and len(resolved) == len(ids) + 1
+    assert resolve_seeded(spec, {**totals, "c4": 0.9}) == (["c4", "mix"], 0)  # c4 is also the best single
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Report
+# study.json from runs, and the report
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fake_study(entries: dict[str, tuple[str, float, dict[str, float]]]) -> dict:
-    rows = {e: {"metrics": {"perplexity": p}, "retention": {**dims, "total": sum(dims.values()) / len(dims)}}
-            for e, (_, p, dims) in entries.items()}
-    return {
-        "format": 1, "complete": True,
-        "config": {"model": "tiny", "sources": [e for e, v in entries.items() if v[0] == "source"],
-                   "constructed": [e for e, v in entries.items() if v[0] != "source"], "n": 4, "seqlen": 32,
-                   "seed": 0, "method": "sparsegpt (fused)", "blocksize": 128, "percdamp": 0.01, "suite": "lite",
-                   "benchmarks": ["wikitext2"], "eval_options": {"wikitext2": {"seqlen": 64, "max_windows": 2}},
-                   "sparsities": [0.6]},
-        "dense": {"wikitext2": {"dimension": "general", "metric": "perplexity", "value": 20.0, "n": 2}},
-        "entries": {e: {"kind": kind, "metrics": {"perplexity": p},
-                        "runs": {"0.6": {"dimensions": dims, "total": rows[e]["retention"]["total"],
-                                         "benchmarks": {"wikitext2": {"retention": dims["general"]}}}}}
-                    for e, (kind, p, dims) in entries.items()},
-        "spearman": {"0.6": {"sources": spearman_table({e: r for e, r in rows.items() if entries[e][0] == "source"}),
-                             "all": spearman_table(rows)}},
-        "provenance": {"versions": {"calibprune": "0"}, "git_revision": None, "created": "now", "device": "cpu"},
-    }
+def _records(rng, quality: float, ppl_shift: float) -> dict:
+    """Per-item records of a model whose accuracy is ``quality`` x dense and whose NLL is dense + ``ppl_shift``."""
+    out = {}
+    for name in ("lambada", "piqa", "mbpp_nll", "gsm8k_nll"):
+        n = SMALL[name]["test"]
+        rec = {"items": list(range(n)), "n": n, "seconds": 1.0, "tokens": 10 * n, "dimension": "",
+               "kind": "", "primary": ""}
+        if name == "piqa":
+            rec |= {"correct": (rng.random(n) < 0.8 * quality).astype(int).tolist(),
+                    "margin": (rng.normal(quality, 0.1, n)).tolist(), "k": [2] * n}
+        elif name == "lambada":
+            rec |= {"correct": (rng.random(n) < 0.5 * quality).astype(int).tolist(),
+                    "nll": (rng.normal(3 + ppl_shift, 0.05, n) * 2).tolist(), "ntok": [2] * n}
+        else:
+            rec |= {"nll": (rng.normal(1 + ppl_shift, 0.02, n) * 50).tolist(), "ntok": [50] * n}
+        rec["scores"] = {}
+        out[name] = rec
+    return out
 
 
-def test_report_tables_and_paper_comparison(tmp_path):
-    d = lambda g, c, k, m: {"general": g, "commonsense": c, "code": k, "math": m}
-    study = _fake_study({
-        "c4": ("source", 30.0, d(0.8, 0.9, 0.3, 0.4)), "wikitext2": ("source", 20.0, d(0.7, 0.9, 0.4, 0.5)),
-        "gsm8k": ("source", 5.0, d(0.5, 0.8, 0.5, 0.9)), "mix": ("mix", 15.0, d(0.7, 0.9, 0.6, 0.8)),
-        "self-cal": ("self-cal", 8.0, d(0.6, 0.9, 0.5, 0.6)), "igsp": ("igsp", 9.0, d(0.65, 0.9, 0.55, 0.7))})
-    path = write_report(study, tmp_path, plots=False)
-    text = path.read_text()
-    # perplexity is perfectly rank-correlated with general (+1) and anti-correlated with math (-1) here
-    assert "| ρ(calibration perplexity, general retention) | +0.71 | +1.00" in text
-    assert "| ρ(calibration perplexity, math retention) | -0.53 | -1.00" in text
-    assert "mix > best single: yes" in text
-    igsp_minus_selfcal = 100 * (study["entries"]["igsp"]["runs"]["0.6"]["total"]
-                                - study["entries"]["self-cal"]["runs"]["0.6"]["total"])
-    assert f"| IGSP − self-cal (total retention points) | +2.4 | {igsp_minus_selfcal:+.1f} | yes |" in text
-    assert "| IGSP − sgs (total retention points) | +4.8 | – |" in text  # SGS did not run
+def _fake_study(tmp_path):
+    """Dense + runs with known structure: perplexity rank of the single sources = rank of their general retention
+    and the reverse of their code / math retention; the mix is best on total."""
+    spec = _spec(seeds=[0, 1, 2], seeded=["c4", "best:1", "mix", "self-cal", "sgs", "igsp"], pruners=["sparsegpt"],
+                 variants={"igsp-nostrata": {"generator": "igsp", "options": {"strata": 1}}})
+    rng = np.random.default_rng(0)
+    dense_recs = _records(rng, 1.0, 0.0)
+    dense = {"model_fingerprint": "f", "split": "test", "dtype": "bfloat16",
+             "benchmarks": {k: {**v, "scores": {"acc": 0.8}, "dimension": d, "kind": kd, "primary": p}
+                            for (k, v), d, kd, p in zip(dense_recs.items(), ("general", "commonsense", "code", "math"),
+                                   ("target", "choice", "nll", "nll"), ("acc", "acc", "nll", "nll"))}}
+    dense["benchmarks"]["piqa"]["scores"]["chance"] = 0.5
+    ppl = {"c4": 30.0, "alpaca": 7.0, "gsm8k": 6.0, "mbpp": 5.0, "mix": 14.0, "self-cal": 50.0, "sgs": 17.0,
+           "igsp": 7.5, "igsp-nostrata": 8.0}
+    runs = {}
+    for entry, p in ppl.items():
+        for seed in ([0, 1, 2] if entry in ("c4", "mix", "self-cal", "sgs", "igsp") else [0]):
+            r = np.random.default_rng(seed + 10 * len(runs))
+            recs = {}
+            quality = 0.5 + 0.01 * seed
+            shift = {"lambada": 1.0 - p / 60, "mbpp_nll": 0.2 + p / 100, "gsm8k_nll": 0.2 + p / 100}
+            for name, rec in _records(r, quality if entry != "mix" else 0.9, 0.0).items():
+                if name in shift:
+                    rec["nll"] = [v + shift[name] * (2 if name == "lambada" else 50) for v in
+                                  dense["benchmarks"][name]["nll"]]
+                if entry == "mix" and name != "piqa":
+                    rec["nll"] = [v + 0.01 * seed for v in dense["benchmarks"][name]["nll"]]
+                recs[name] = compact_record(rec | {"items": list(range(rec["n"]))})
+            rid = run_id(entry, seed, "sparsegpt", 0.6)
+            runs[rid] = {"id": rid, "entry": entry, "seed": seed, "pruner": "sparsegpt", "sparsity": 0.6,
+                         "kind": "source" if entry in spec["sources"] else entry, "achieved_sparsity": 0.6,
+                         "calibration": {"n": 8}, "metrics": {"perplexity": p + 0.1 * seed, "ngram_aggregation": 0.1},
+                         "benchmarks": recs, "timings": {"total_s": 10.0, "prune_s": 5.0, "eval_s": 5.0}}
+    return spec, dense, runs
+
+
+@needs_data
+def test_build_study_and_report(tmp_path):
+    spec, dense, runs = _fake_study(tmp_path)
+    study = build_study(spec, dense, runs)
+    mix = study["entries"]["mix"]["runs"]["sparsegpt"]["0.6"]
+    assert mix["seeds"] == [0, 1, 2] and mix["total"]["n_seeds"] == 3 and mix["total"]["sd"] is not None
+    assert mix["total"]["se"] > 0 and set(mix["dimensions"]) == {"general", "commonsense", "code", "math"}
+    c4 = study["entries"]["c4"]["runs"]["sparsegpt"]["0.6"]
+    assert c4["dimensions"]["general"]["mean"] == pytest.approx(np.mean(c4["dimensions"]["general"]["values"]))
+    # Spearman over the 4 single sources: general follows perplexity, code and math the reverse
+    sp = study["spearman"]["sparsegpt"]["0.6"]["sources"]["perplexity"]
+    assert sp["general"]["rho"] == pytest.approx(1.0) and sp["code"]["rho"] == pytest.approx(-1.0)
+    assert sp["math"]["rho"] == pytest.approx(-1.0) and sp["general"]["n"] == 4
+    diffs = study["differences"]["sparsegpt"]["0.6"]
+    assert diffs["best_single"] in spec["sources"]
+    assert set(diffs["pairs"]) >= {"mix − best single", "mix − c4", "igsp − self-cal", "igsp − sgs",
+                                   "igsp − igsp-nostrata"}
+    v = study["verdicts"]
+    assert v["mix > c4"]["verdict"] == "confirmed" and v["mix > c4"]["estimate"] > 0
+    assert v["ρ(perplexity, general) > 0"]["estimate"] == pytest.approx(1.0)
+    for claim in v.values():
+        assert claim["verdict"] in ("confirmed", "contradicted", "inconclusive")
+        assert claim["lo"] <= claim["estimate"] <= claim["hi"]
+    json.dumps(study)  # serialisable
+    text = write_report(study, tmp_path, plots=False).read_text()
+    assert "## Verdict" in text and "| mix > c4 |" in text and "**confirmed**" in text
     assert text.index("| mix |") < text.index("| c4 |")  # ranked by total retention
-    assert set(METRICS) <= set(study["spearman"]["0.6"]["all"]) and set(TARGETS) == set(
-        study["spearman"]["0.6"]["all"]["perplexity"])
+    assert "igsp − igsp-nostrata" in text
 
 
+@needs_data
 def test_report_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    d = lambda g, m: {"general": g, "commonsense": 0.9, "code": 0.5, "math": m}
-    study = _fake_study({"a": ("source", 3.0, d(0.5, 0.9)), "b": ("source", 9.0, d(0.7, 0.6)),
-                         "c": ("source", 27.0, d(0.9, 0.3)), "mix": ("mix", 7.0, d(0.8, 0.8))})
-    text = write_report(study, tmp_path).read_text()
-    for name in ("heatmap_s0.6.png", "scatter_perplexity_s0.6.png"):
+    spec, dense, runs = _fake_study(tmp_path)
+    text = write_report(build_study(spec, dense, runs), tmp_path).read_text()
+    for name in ("heatmap_sparsegpt_s0.6.png", "scatter_perplexity_sparsegpt_s0.6.png"):
         assert f"]({name})" in text
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_refuses_old_format(tmp_path):
+    with pytest.raises(ValueError, match="format 2"):
+        write_report({"format": 1}, tmp_path)
+
+
+def test_compact_record_round_trip():
+    rec = {"items": [5, 2, 9], "n": 3, "k": [4, 4, 2], "correct": [1, 0, 1], "margin": [0.123456, -1.0, 2.5],
+           "scores": {"acc": 2 / 3}, "seconds": 1.23456}
+    c = compact_record(rec)
+    assert c["correct"] == "101" and c["margin"] == [0.1235, -1.0, 2.5] and "items" not in c
+    back = expand_record(c, rec)
+    assert back["correct"] == [1, 0, 1] and back["items"] == [5, 2, 9] and back["k"] == [4, 4, 2]
+    with pytest.raises(ValueError, match="other items"):
+        expand_record(c, {**rec, "items": [1, 2, 3]})
+
+
+def test_spearman_table_point_values():
+    rows = {f"e{i}": {"metrics": {"perplexity": x}, "retention": {"general": y}}
+            for i, (x, y) in enumerate([(1, 0.1), (2, 0.3), (3, 0.2), (4, 0.4)])}
+    cell = spearman_table(rows, ["perplexity"], ["general"])["perplexity"]["general"]
+    assert cell["rho"] == pytest.approx(0.8) and cell["n"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,28 +228,29 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 def _study_cmd(model: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "calibprune", "study", "--model", str(model), "--sources", "c4,gsm8k,mbpp",
-            "--constructed", "mix,self-cal,sgs,igsp", "--n", "5", "--seqlen", "48", "--sparsity", "0.5,0.7",
-            "--benchmarks", "wikitext2,gsm8k_nll,mbpp_nll,piqa", "--limit", "2", "--gen-batch-size", "5",
-            "--eval-option", "wikitext2.seqlen=64", "--eval-option", "wikitext2.max_windows=2",
-            "--eval-option", "gsm8k_nll.max_length=128", "--eval-option", "mbpp_nll.max_length=128",
-            "--out", str(out)]
+            "--constructed", "mix,self-cal,sgs,igsp", "--variant", "igsp-bos:igsp.dimensions=[]", "--n", "5",
+            "--seqlen", "48", "--seeds", "0,1", "--seeded", "c4,best:1,igsp", "--pruners", "sparsegpt,wanda",
+            "--pruner-entries", "mix", "--benchmarks", "wikitext2,piqa,mbpp_nll,gsm8k_nll", "--gen-batch-size", "5",
+            "--eval-option", "wikitext2.window=64", "--eval-option", "wikitext2.test=2",
+            "--eval-option", "piqa.test=4", "--eval-option", "mbpp_nll.test=3", "--eval-option",
+            "mbpp_nll.max_length=96", "--eval-option", "gsm8k_nll.test=3", "--eval-option",
+            "gsm8k_nll.max_length=96", "--n-boot", "200", "--no-plots", "--out", str(out)]
 
 
 @pytest.mark.slow
 @needs_data
-@needs_lm_eval
 def test_study_killed_then_resumed(tmp_path):
     model = _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "study"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CALIBPRUNE_CACHE": str(tmp_path / "cache")}
-    runs = out / "cache" / "runs"
+    runs = out / "runs"
     log1 = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(_study_cmd(model, out), stdout=log1, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if runs.is_dir() and len(list(runs.glob("*.json"))) >= 3:
+            if runs.is_dir() and len(list(runs.glob("*__*.json"))) >= 3:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the study ended before it could be killed:\n" + \
@@ -206,40 +260,36 @@ def test_study_killed_then_resumed(tmp_path):
         proc.wait()
         log1.close()
     done = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs.glob("*.json")}
-    assert len(done) >= 3
+    assert len(done) >= 4  # dense.json + >= 3 runs
     for path in out.rglob("*.json"):  # a kill mid-write may leave a hidden .tmp, never a truncated result
         json.loads(path.read_text())
-    partial = json.loads((out / "study.json").read_text())
-    assert partial["complete"] is False
+    assert json.loads((out / "study.json").read_text())["complete"] is False
 
-    res = subprocess.run(_study_cmd(model, out), capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(_study_cmd(model, out), capture_output=True, text=True, env=env, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for name, (mtime, blob) in done.items():  # finished work was neither redone nor lost
         path = runs / name
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == blob, name
-    assert res.stderr.count(": cached (") >= len(done)
 
     study = json.loads((out / "study.json").read_text())
-    assert study["complete"] is True
-    assert list(study["entries"]) == ["c4", "gsm8k", "mbpp", "mix", "self-cal", "sgs", "igsp"]
+    assert study["complete"] is True and study["progress"]["remaining"] == []
+    assert list(study["entries"]) == ["c4", "gsm8k", "mbpp", "mix", "self-cal", "sgs", "igsp", "igsp-bos"]
+    best = study["differences"]["sparsegpt"]["0.6"]["best_single"]
     for entry, rec in study["entries"].items():
-        assert set(rec["runs"]) == {"0.5", "0.7"}, entry
-        assert rec["calibration"]["n"] == 5 and rec["calibration"]["seqlen"] == 48
-        for run in rec["runs"].values():
-            assert set(run["dimensions"]) == {"general", "commonsense", "code", "math"}
-            assert math.isfinite(run["total"]) and run["achieved_sparsity"] > 0.4
-    assert study["entries"]["mix"]["calibration"]["row_sources"] == {"c4": 2, "gsm8k": 2, "mbpp": 1}
-    assert len(list(runs.glob("*.json"))) == 14
-    table = study["spearman"]["0.5"]
-    assert table["sources"]["perplexity"]["general"]["n"] == 3 and table["all"]["perplexity"]["general"]["n"] == 7
-    report = (out / "report.md").read_text()
-    assert "## Sparsity 0.5" in report and "## Sparsity 0.7" in report and "Side by side with the paper" in report
-
-    # a third run redoes nothing and only rewrites the summary
-    before = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
+        seeds = rec["runs"]["sparsegpt"]["0.6"]["seeds"]
+        assert seeds == ([0, 1] if entry in ("c4", "igsp", best) else [0]), entry
+        assert set(rec["runs"]["sparsegpt"]["0.6"]["dimensions"]) == {"general", "commonsense", "code", "math"}
+        assert math.isfinite(rec["runs"]["sparsegpt"]["0.6"]["total"]["mean"])
+    assert set(study["entries"]["mix"]["runs"]) == {"sparsegpt", "wanda"}
+    assert study["entries"]["igsp-bos"]["calibration"]["row_sources"] == {"igsp:bos": 5}
+    assert "dtype_check" in study and (runs / "dtype_check.json").is_file()
+    assert all(v["verdict"] in ("confirmed", "contradicted", "inconclusive") for v in study["verdicts"].values())
+    assert "## Verdict" in (out / "report.md").read_text()
+    # a third run redoes nothing
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     again = subprocess.run(_study_cmd(model, out), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == before
 
 
 @needs_data
@@ -252,14 +302,14 @@ def test_study_cli_bad_input_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # nothing was started
 
 
-def test_retention_standard_error_by_hand():
-    from calibprune.study import _retention_se
+def test_dotted_options_parse():
+    from calibprune.study.cli import _dotted, _variants
 
-    dense = {"piqa": {"dimension": "commonsense", "metric": "acc_norm", "value": 0.5, "n": 20},
-             "arc_easy": {"dimension": "commonsense", "metric": "acc_norm", "value": 0.4, "n": 10},
-             "wikitext2": {"dimension": "general", "metric": "perplexity", "value": 20.0, "n": 4}}
-    run = {"benchmarks": {"piqa": {"pruned": 0.4}, "arc_easy": {"pruned": 0.3}, "wikitext2": {"pruned": 30.0}}}
-    se = _retention_se({"dense": dense, "entries": {"a": {"runs": {"0.6": run}}}}, "0.6")
-    var = 0.4 * 0.6 / 20 / 0.5**2 + 0.3 * 0.7 / 10 / 0.4**2
-    assert se["commonsense"] == pytest.approx(math.sqrt(var) / 2)
-    assert se["general"] == 0.0  # perplexity is deterministic on its fixed windows
+    assert _dotted(["igsp.pool_factor=3", "sgs.source=c4", "igsp.include_bos=false"], "--x") == {
+        "igsp": {"pool_factor": 3, "include_bos": False}, "sgs": {"source": "c4"}}
+    assert _variants(["v:igsp.strata=1", "v:igsp.bos_share=0.5"]) == {
+        "v": {"generator": "igsp", "options": {"strata": 1, "bos_share": 0.5}}}
+    with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
+        _dotted(["pool_factor=3"], "--x")
+    with pytest.raises(ValueError, match="two generators"):
+        _variants(["v:igsp.strata=1", "v:sgs.top_k=3"])

@@ -8,6 +8,8 @@ Sources of noise and how each is handled:
   so its replicates are ``(W @ num) / (W @ den)`` for all runs at once. Retention replicates follow by the score's
   retention rule against the dense replicate on the same resampled items; differences between entries are
   differences of replicates (paired).
+  A replicate in which a ratio is undefined (dense score 0 on the resampled items) is NaN and left out of the
+  spreads; with hundreds of items this does not happen.
 - **Calibration sampling** (which windows / generations a seed drew). Entries run with several seeds; the entry's
   value is the mean over seeds and ``sd`` the sample standard deviation over seeds (ddof = 1).
 
@@ -95,7 +97,10 @@ def replicate_retentions(dense: Mapping[str, Mapping[str, Any]], runs: Mapping[s
         if n_boot:
             w = bootstrap_counts(len(d_items), n_boot, rng)  # one resample of the items for all runs
             d_rep = (w @ d_num) / (w @ d_den)  # [B]
-            boot[name] = score_retention(score, d_rep[:, None], (w @ num) / (w @ den))  # [B, R]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r_rep = score_retention(score, d_rep[:, None], (w @ num) / (w @ den))  # [B, R]
+            # a replicate whose dense score is 0 has no ratio: NaN, left out of every spread below
+            boot[name] = np.where(np.isfinite(r_rep), r_rep, np.nan)
     dims = list(dict.fromkeys(dimensions[n] for n in names))
     for dim in dims:
         members = [n for n in names if dimensions[n] == dim]
@@ -117,7 +122,7 @@ def seed_summary(rep: Replicates, seed_runs: Sequence[str], target: str) -> dict
                            "n_seeds": len(values), "values": [float(v) for v in values]}
     if target in rep.boot:
         cols = [rep.runs.index(r) for r in seed_runs]
-        out["se"] = float(rep.boot[target][:, cols].mean(1).std(ddof=1))
+        out["se"] = float(np.nanstd(rep.boot[target][:, cols].mean(1), ddof=1))
     return out
 
 
@@ -174,7 +179,7 @@ def diff_interval(rep: Replicates, runs_a: Sequence[str], runs_b: Sequence[str],
         ia = [rep.runs.index(r) for r in runs_a]
         ib = [rep.runs.index(r) for r in runs_b]
         d = rep.boot[target][:, ia].mean(1) - rep.boot[target][:, ib].mean(1)
-        v_item = float(d.var(ddof=1))
+        v_item = float(np.nanvar(d, ddof=1))
     v_seed = sum(c for c, _ in components)
     df = welch_df(components, v_item)
     se = math.sqrt(v_seed + v_item)

@@ -8,13 +8,15 @@ mask entries of SmolLM2-135M at 60%.
 
 ``numerics="fast"``: a SYRK-style update of the upper triangle only, H[i-block, i:] ← β·H + α·X[:, i-block]ᵀ X[:, i:]
 with one ``addmm_`` per row block (about half the flops of the full product, no scaled copy of X). The lower
-triangle is left stale; :func:`symmetrize_upper_` mirrors it once, when H is used. On a GPU the products run with
-TF32 inputs (bf16 X is upcast exactly: bf16 values are exact in TF32) and fp32 accumulation. Which CPU variant is
-faster was measured (``benchmarks/RESULTS.md``).
+triangle is left stale; :func:`symmetrize_upper_` mirrors it once, when H is used. On a GPU, fp32 X runs with TF32
+inputs and 16-bit X goes to the tensor cores as it is (``torch.mm(..., out_dtype=torch.float32)``, or an exact
+upcast where that overload is missing), always with fp32 accumulation. Which CPU variant is faster was measured
+(``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -42,16 +44,32 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+@functools.cache
+def _mm_out_fp32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` takes ``dtype`` inputs on this device type."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def hessian_update_torch_fast(H: torch.Tensor, X2d: torch.Tensor, beta: float, alpha: float, *,
                               block: int = UPPER_BLOCK) -> None:
-    """Upper triangle of H ← β·H + α·XᵀX, one ``addmm_`` per block of ``block`` rows; the lower triangle is stale.
+    """Upper triangle of H ← β·H + α·XᵀX, one product per block of ``block`` rows; the lower triangle is stale.
 
     Args:
         H: ``[d, d]`` fp32; only ``triu(H)`` is read and written.
-        X2d: ``[tokens, d]`` any float dtype (16-bit inputs are upcast exactly to fp32).
+        X2d: ``[tokens, d]`` any float dtype; fp32 accumulation.
     """
-    X = X2d if X2d.dtype == H.dtype else X2d.to(H.dtype)
     d = H.shape[0]
+    if X2d.is_cuda and X2d.dtype in (torch.bfloat16, torch.float16) and _mm_out_fp32("cuda", X2d.dtype):
+        for i in range(0, d, block):
+            j = min(i + block, d)
+            prod = torch.mm(X2d[:, i:j].t(), X2d[:, i:], out_dtype=torch.float32)
+            H[i:j, i:].mul_(beta).add_(prod, alpha=alpha)
+        return
+    X = X2d if X2d.dtype == H.dtype else X2d.to(H.dtype)  # 16-bit values are exact in fp32 (and TF32)
     with _tf32(True) if X.is_cuda else contextlib.nullcontext():
         for i in range(0, d, block):
             j = min(i + block, d)

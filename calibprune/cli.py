@@ -152,6 +152,20 @@ def _format_sparsity(value: float | tuple[float, ...]) -> str:
     return f"{value:.2%}"
 
 
+def _preflight_config(config) -> None:
+    """What the config asks of this machine (device, op backends), checked before the model loads."""
+    from .pruning.pipeline import resolve_device
+    from .pruning.registry import METHODS, REFINERS
+
+    try:
+        device = resolve_device(config)
+        METHODS[config.method](config).resolve(device)
+        if config.refine:
+            REFINERS[config.refine](config.refine_options, config).resolve(device)
+    except RuntimeError as exc:  # unavailable here: bad input for this machine, not a crash
+        raise ValueError(str(exc)) from exc
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .calibration import as_token_ids
     from .calibration.calibration_set import ids_sha256
@@ -164,6 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # Everything that can be checked without loading the model or data is checked first, then everything the
     # model decides (targets, widths, device, token ids) before the dense evaluation and the prune.
     config = config_from_args(args)
+    _preflight_config(config)
     check_output_dir(args.out, overwrite=args.overwrite)
     resolve_model_path(args.model)
     parse_dtype(args.dtype)

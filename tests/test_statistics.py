@@ -73,6 +73,10 @@ def test_replicate_point_values_by_hand():
     assert p["general"] == pytest.approx((p["a"] + p["b"]) / 2) and p["commonsense"] == pytest.approx(p["c"])
     assert p["total"] == pytest.approx((p["general"] + p["commonsense"]) / 2)
     assert rep.boot == {}
+    # an excluded benchmark keeps its own retention but leaves its dimension (and the total)
+    ex = replicate_retentions(dense, {"r": run}, {"a": "acc", "b": "nll", "c": "acc_cn"},
+                              {"a": "general", "b": "general", "c": "commonsense"}, n_boot=0, exclude=["c"]).point["r"]
+    assert ex["c"] == pytest.approx(p["c"]) and "commonsense" not in ex and ex["total"] == pytest.approx(p["general"])
 
 
 def test_bootstrap_se_matches_binomial_formula():

@@ -120,6 +120,7 @@ def _fake_study(tmp_path):
                             for (k, v), d, kd, p in zip(dense_recs.items(), ("general", "commonsense", "code", "math"),
                                    ("target", "choice", "nll", "nll"), ("acc", "acc", "nll", "nll"))}}
     dense["benchmarks"]["piqa"]["scores"]["chance"] = 0.5
+    dense["benchmarks"]["piqa"]["correct"] = [1, 1, 1, 1, 1, 0]  # clearly above chance, so piqa counts
     ppl = {"c4": 30.0, "alpaca": 7.0, "gsm8k": 6.0, "mbpp": 5.0, "mix": 14.0, "self-cal": 50.0, "sgs": 17.0,
            "igsp": 7.5, "igsp-nostrata": 8.0}
     runs = {}

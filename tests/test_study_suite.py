@@ -35,6 +35,16 @@ def test_item_split_disjoint_and_stable(name):
     assert item_split(pool, bigger, "test")[:bench.test] == test  # more TEST items only add items
 
 
+def test_near_chance_flag():
+    def rec(n_right, n, k):
+        return {"correct": [1] * n_right + [0] * (n - n_right), "k": [k] * n}
+
+    # 55/100 two-way: 0.05 above chance, SE 0.0497 -> within 2 SE; 70/100 is not; LAMBADA-style kinds never are
+    assert study_suite.near_chance(rec(55, 100, 2), "choice")
+    assert not study_suite.near_chance(rec(70, 100, 2), "choice")
+    assert not study_suite.near_chance(rec(0, 100, 2), "target")
+
+
 def test_resolve_suite_errors():
     with pytest.raises(ValueError, match="not in the study suite"):
         resolve_suite(["hellaswag", "nope"])

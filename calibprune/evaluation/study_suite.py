@@ -62,8 +62,8 @@ from .scoring import Request, encode_request, score_requests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STUDY_SUITE", "SCORES", "SuiteBenchmark", "evaluate_items", "item_split", "score_retention",
-           "score_terms", "score_value", "summarise_items"]
+__all__ = ["STUDY_SUITE", "SCORES", "SuiteBenchmark", "evaluate_items", "item_split", "near_chance",
+           "resolve_suite", "score_retention", "score_terms", "score_value", "summarise_items"]
 
 SCORES: tuple[str, ...] = ("acc", "acc_cn", "margin", "nll")
 SPLITS: tuple[str, ...] = ("test", "dev")
@@ -115,24 +115,24 @@ def _mc(name: str, test: int, dev: int, primary: str = "acc", normalise: str = "
     return SuiteBenchmark(name, "choice", test, dev, primary, ("acc", "acc_cn", "margin"), normalise)
 
 
-#: the study suite (sizes and primary scores are justified in the README, "The study suite")
+#: the study suite (sizes and primary scores are justified in the README, "The study suite"). MMLU is not in it:
+#: SmolLM2-135M scores within one standard error of chance on it, in letter and in cloze form.
 STUDY_SUITE: dict[str, SuiteBenchmark] = {
     b.name: b for b in (
         # General
-        _mc("mmlu_cloze", 600, 200, normalise="chars"),
-        SuiteBenchmark("lambada", "target", 600, 200, "acc", ("acc", "nll")),
-        SuiteBenchmark("wikitext2", "nll", 40, 16, "nll", ("nll",), window=512),
+        SuiteBenchmark("lambada", "target", 500, 200, "acc", ("acc", "nll")),
+        SuiteBenchmark("wikitext2", "nll", 32, 16, "nll", ("nll",), window=512),
         # Commonsense
-        _mc("hellaswag", 600, 200, normalise="chars"),
+        _mc("hellaswag", 400, 200, normalise="chars"),
         _mc("piqa", 600, 200, normalise="chars"),
         _mc("arc_easy", 600, 200, normalise="chars"),
         _mc("winogrande", 600, 200),
         # Code
         SuiteBenchmark("humaneval_nll", "nll", 84, 40, "nll", ("nll",)),
-        SuiteBenchmark("mbpp_nll", "nll", 200, 100, "nll", ("nll",)),
+        SuiteBenchmark("mbpp_nll", "nll", 140, 100, "nll", ("nll",)),
         # Math
-        SuiteBenchmark("gsm8k_nll", "nll", 150, 100, "nll", ("nll",)),
-        SuiteBenchmark("math_nll", "nll", 100, 100, "nll", ("nll",), max_length=384),
+        SuiteBenchmark("gsm8k_nll", "nll", 120, 100, "nll", ("nll",)),
+        SuiteBenchmark("math_nll", "nll", 80, 100, "nll", ("nll",), max_length=384),
     )
 }
 
@@ -259,6 +259,16 @@ def score_retention(score: str, dense: np.ndarray | float, pruned: np.ndarray | 
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.asarray(pruned) / np.asarray(dense) if isinstance(dense, np.ndarray) else (
             pruned / dense if dense != 0 else math.nan)
+
+
+def near_chance(record: Mapping[str, Any], kind: str, z: float = 2.0) -> bool:
+    """True when a choice benchmark's accuracy is less than ``z`` standard errors (binomial, √(p(1−p)/n)) above
+    chance; such a benchmark measures no capability of the model and is left out of its dimension."""
+    if kind != "choice":
+        return False
+    acc = score_value(record, "acc")
+    chance = float(np.mean(1.0 / np.asarray(record["k"], dtype=np.float64)))
+    return bool(acc - chance < z * math.sqrt(max(acc * (1 - acc), 1e-12) / len(record["k"])))
 
 
 def summarise_items(record: Mapping[str, Any], bench: SuiteBenchmark) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluation.study_suite import resolve_suite, score_retention, score_value
+from ..evaluation.study_suite import near_chance, resolve_suite, score_retention, score_value
 from ..provenance import provenance
 from .plan import FORMAT, PAPER, TARGETS
 from .statistics import (
@@ -60,7 +60,13 @@ def run_retentions(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapp
     dense_recs = {b: dense["benchmarks"][b] for b in suite}
     run_recs = {rid: {b: expand_record(r["benchmarks"][b], dense_recs[b]) for b in suite} for rid, r in runs.items()}
     return replicate_retentions(dense_recs, run_recs, {b: s.primary for b, s in suite.items()},
-                                {b: s.dimension for b, s in suite.items()}, n_boot=n_boot, seed=seed)
+                                {b: s.dimension for b, s in suite.items()}, n_boot=n_boot, seed=seed,
+                                exclude=excluded(spec, dense))
+
+
+def excluded(spec: Mapping[str, Any], dense: Mapping[str, Any]) -> list[str]:
+    """Benchmarks on which the dense model is within 2 SE of chance: reported, not counted in their dimension."""
+    return [b for b, s in _suite(spec).items() if near_chance(dense["benchmarks"][b], s.kind)]
 
 
 def _dense_table(spec: Mapping[str, Any], dense: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +81,7 @@ def _dense_table(spec: Mapping[str, Any], dense: Mapping[str, Any]) -> dict[str,
             acc, chance, n = rec["scores"]["acc"], rec["scores"]["chance"], rec["n"]
             se = math.sqrt(max(acc * (1 - acc), 1e-12) / n)
             row |= {"chance": chance, "acc_se": se, "above_chance_se": (acc - chance) / se,
-                    "near_chance": (acc - chance) < 2 * se}
+                    "near_chance": near_chance(rec, bench.kind)}
         out[name] = row
     return out
 
@@ -141,6 +147,7 @@ def build_study(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping
 
     study: dict[str, Any] = {"format": FORMAT, "config": dict(spec), "model_fingerprint": dense["model_fingerprint"],
                              "split": dense["split"], "eval_dtype": dense["dtype"],
+                             "excluded_near_chance": excluded(spec, dense),
                              "dense": _dense_table(spec, dense), "entries": {}, "differences": {}, "spearman": {},
                              "verdicts": {}, "paper": PAPER, "provenance": provenance()}
     if out_dir is not None:

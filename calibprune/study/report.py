@@ -79,7 +79,7 @@ def _dense_table(study: Mapping[str, Any]) -> list[str]:
              "seconds | flag |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b in study["dense"].items():
         sc = b["scores"]
-        flag = "near chance" if b.get("near_chance") else ""
+        flag = "near chance: not counted" if b.get("near_chance") else ""
         lines.append(f"| {name} | {b['dimension']} | {b['n']} | {b['primary']} | {_num(sc.get('acc'))} | "
                      f"{_num(b.get('chance'))} | {_num(b.get('above_chance_se'), 1)} | {_num(sc.get('acc_cn'))} | "
                      f"{_num(sc.get('margin'))} | {_num(sc.get('nll'))} | {b['seconds']:.0f} | {flag} |")

@@ -65,7 +65,7 @@ class Replicates:
 
 def replicate_retentions(dense: Mapping[str, Mapping[str, Any]], runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
                          primary: Mapping[str, str], dimensions: Mapping[str, str], *, n_boot: int = 2000,
-                         seed: int = 0) -> Replicates:
+                         seed: int = 0, exclude: Sequence[str] = ()) -> Replicates:
     """Paired item-bootstrap replicates of every run's benchmark, dimension and total retention.
 
     Args:
@@ -73,8 +73,10 @@ def replicate_retentions(dense: Mapping[str, Mapping[str, Any]], runs: Mapping[s
         runs: ``{run id: {benchmark: per-item record}}`` on the same items (checked).
         primary: ``{benchmark: score}`` whose retention counts; ``dimensions``: ``{benchmark: dimension}``.
         n_boot: replicates (0: point values only, ``boot`` empty).
+        exclude: benchmarks whose retention is computed and reported but not averaged into their dimension
+            (e.g. those on which the dense model is near chance).
 
-    Dimension retention = mean over its benchmarks; total = mean over the dimensions present.
+    Dimension retention = mean over its (not excluded) benchmarks; total = mean over the dimensions present.
     """
     rng = np.random.default_rng(seed)
     names = list(primary)
@@ -101,9 +103,10 @@ def replicate_retentions(dense: Mapping[str, Mapping[str, Any]], runs: Mapping[s
                 r_rep = score_retention(score, d_rep[:, None], (w @ num) / (w @ den))  # [B, R]
             # a replicate whose dense score is 0 has no ratio: NaN, left out of every spread below
             boot[name] = np.where(np.isfinite(r_rep), r_rep, np.nan)
-    dims = list(dict.fromkeys(dimensions[n] for n in names))
+    counted = [n for n in names if n not in set(exclude)]
+    dims = list(dict.fromkeys(dimensions[n] for n in counted))
     for dim in dims:
-        members = [n for n in names if dimensions[n] == dim]
+        members = [n for n in counted if dimensions[n] == dim]
         for r in run_ids:
             point[r][dim] = float(np.mean([point[r][n] for n in members]))
         if n_boot:

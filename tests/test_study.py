@@ -68,13 +68,15 @@ def test_plan_errors(tmp_path):
 @needs_data
 def test_run_list_stages():
     spec = _spec(seeds=[0, 1], seeded=["c4", "best:1", "mix"], pruners=["sparsegpt", "wanda"],
-                 pruner_entries=["sources", "mix"])
+                 pruner_entries=["sources", "mix"], variants={"v": {"generator": "igsp", "options": {"strata": 1}}})
     first = plan_runs(spec)
     ids = [r.id for r in first]
-    # stage 1: every entry, first seed, main pruner; stage 2: the named seeded entries; stage 3: wanda
-    assert ids[:8] == [run_id(e, 0, "sparsegpt", 0.6) for e in spec["entries"]]
+    # stage 1: every entry but the variants, first seed, main pruner; stage 2: the named seeded entries;
+    # stage 3: wanda; stage 4: the variants
+    assert ids[:8] == [run_id(e, 0, "sparsegpt", 0.6) for e in spec["entries"][:8]]
     assert ids[8:10] == [run_id("c4", 1, "sparsegpt", 0.6), run_id("mix", 1, "sparsegpt", 0.6)]
-    assert ids[10:] == [run_id(e, 0, "wanda", 0.6) for e in ("c4", "gsm8k", "mbpp", "alpaca", "mix")]
+    assert ids[10:15] == [run_id(e, 0, "wanda", 0.6) for e in ("c4", "gsm8k", "mbpp", "alpaca", "mix")]
+    assert ids[15:] == [run_id("v", 0, "sparsegpt", 0.6)]
     assert unresolved_runs(spec) == 1  # best:1 waits for the single sources' stage-1 results
     totals = {"c4": 0.4, "gsm8k": 0.5, "mbpp": 0.55, "alpaca": 0.55}
     assert resolve_seeded(spec, totals) == (["c4", "alpaca", "mix"], 0)  # tie at 0.55: by name

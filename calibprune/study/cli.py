@@ -34,7 +34,8 @@ def _variants(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF id, local checkpoint dir, .gguf file, or smollm2-135m")
-    p.add_argument("--sources", default="all", help="'all' (every source available offline) or a comma list")
+    p.add_argument("--sources", default="all", help="'all' (every source available offline), a comma list or "
+                   "'none'")
     p.add_argument("--constructed", default="mix,self-cal,sgs,igsp",
                    help="constructed sets: comma list of mix, self-cal, sgs, igsp, or 'none' (default: all)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:GEN.KEY=VALUE",
@@ -64,6 +65,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-batch-size", type=int, default=16, help="generation batch for Self-Cal/SGS/IGSP")
     p.add_argument("--gen-option", action="append", default=[], metavar="GEN.KEY=VALUE",
                    help="generator keyword, repeatable, e.g. igsp.pool_factor=3 or sgs.source=c4")
+    p.add_argument("--pool-dir", default=None, help="generated-pool cache (default: <out>/cache/pools)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resumable)")
     p.add_argument("--out", default=None, help="output folder (default: results/<model name>)")
     p.add_argument("--no-plots", action="store_true", help="write report.md without the PNG plots")
@@ -77,7 +79,7 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
                 benchmarks=args.benchmarks, eval_overrides=_dotted(args.eval_option, "--eval-option"),
                 eval_dtype=args.eval_dtype, dtype_check=not args.no_dtype_check, n_boot=args.n_boot,
                 data_dir=args.data_dir, data_source=args.data_source, gen_batch_size=args.gen_batch_size,
-                generator_options=_dotted(args.gen_option, "--gen-option"))
+                generator_options=_dotted(args.gen_option, "--gen-option"), pool_dir=args.pool_dir)
 
 
 def cmd_study(args: argparse.Namespace) -> int:

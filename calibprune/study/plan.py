@@ -1,13 +1,14 @@
 """Study specification: validate a request before any work, and lay out the runs it implies.
 
 A *run* is one (entry, calibration seed, pruner, sparsity): build the entry's calibration set with that seed, prune
-a fresh copy of the dense model, score it on the study suite. Runs come in three stages, each after the previous:
+a fresh copy of the dense model, score it on the study suite. Runs come in four stages, each after the previous:
 
-1. every entry (single sources, then the constructed sets and IGSP variants) with the first seed and the first
+1. every entry except the variants (single sources, then the constructed sets) with the first seed and the first
    pruner;
 2. the remaining seeds for the *seeded* entries (``seeded``: entry names, or ``"best:K"`` = the K single sources
    with the highest stage-1 total retention, known once stage 1 is done);
-3. the other pruners for ``pruner_entries`` (``"sources"`` = every single source), with the first seed.
+3. the other pruners for ``pruner_entries`` (``"sources"`` = every single source), with the first seed;
+4. the variants (e.g. IGSP ablations), first seed, first pruner.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
                dtype_check: bool = True, blocksize: int = 128, percdamp: float = 0.01,
                data_dir: str | os.PathLike | None = None, data_source: str = "offline", gen_batch_size: int = 16,
                generator_options: Mapping[str, Mapping[str, Any]] | None = None, n_boot: int = 2000,
-               out_dir: str | os.PathLike | None = None) -> StudySpec:
+               pool_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None) -> StudySpec:
     """Validate a study request and resolve it; reads no model and no calibration data.
 
     Args:
@@ -121,13 +122,17 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         dtype_check: also score the dense model and the first pruned run in fp32 and record the agreement.
         generator_options: keyword arguments for ``self_cal`` / ``sgs`` / ``igsp`` by entry name.
         n_boot: bootstrap replicates of the statistics.
+        pool_dir: where generated pools are cached (default ``<out_dir>/cache/pools``); two studies of the same
+            model can share one.
 
     Raises ``ValueError`` (unknown name / option, bad numbers, fewer than 3 entries) or ``FileNotFoundError``.
     """
     if data_source not in ("auto", "offline", "hub"):
         raise ValueError(f"data_source must be 'auto', 'offline' or 'hub', got {data_source!r}")
     resolved_dir = resolve_data_dir(data_dir)
-    if sources == "all" or sources == ["all"]:
+    if sources in ("none", "", None) or sources == []:
+        names: list[str] = []
+    elif sources == "all" or sources == ["all"]:
         names = list_sources(offline_only=data_source == "offline", data_dir=resolved_dir)
         if not names:
             raise FileNotFoundError(f"sources='all' found no source with offline files (data dir: {resolved_dir}); "
@@ -211,6 +216,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         dtype_check=bool(dtype_check), blocksize=blocksize, percdamp=percdamp,
         data_dir=str(resolved_dir) if resolved_dir else None, data_source=data_source,
         gen_batch_size=gen_batch_size, generator_options=gen_opts, n_boot=n_boot,
+        pool_dir=str(pool_dir) if pool_dir is not None else None,
         out_dir=str(out_dir if out_dir is not None else Path("results") / slug(Path(str(model)).name)))
 
 
@@ -244,12 +250,14 @@ def resolve_seeded(spec: Mapping[str, Any], stage1_totals: Mapping[str, float]) 
 def plan_runs(spec: Mapping[str, Any], stage1_totals: Mapping[str, float] | None = None) -> list[RunSpec]:
     """Every run of the study in execution order; ``best:K`` runs appear once stage 1 is done."""
     first_seed, main = spec["seeds"][0], spec["pruners"][0]
-    runs = [RunSpec(e, first_seed, main, s) for e in spec["entries"] for s in spec["sparsities"]]
+    variants = [e for e in spec["entries"] if e in spec["variants"]]
+    runs = [RunSpec(e, first_seed, main, s) for e in spec["entries"] if e not in variants for s in spec["sparsities"]]
     seeded, _ = resolve_seeded(spec, stage1_totals or {})
     runs += [RunSpec(e, seed, main, s) for e in seeded for seed in spec["seeds"][1:] for s in spec["sparsities"]]
     others = [e for e in spec["entries"] if e in spec["pruner_entries"]
               or (e in spec["sources"] and "sources" in spec["pruner_entries"])]
     runs += [RunSpec(e, first_seed, p, s) for p in spec["pruners"][1:] for e in others for s in spec["sparsities"]]
+    runs += [RunSpec(e, first_seed, main, s) for e in variants for s in spec["sparsities"]]
     return list(dict.fromkeys(runs))
 
 

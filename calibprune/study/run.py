@@ -163,6 +163,7 @@ def _calib_key(spec: Mapping[str, Any], entry: str, seed: int, model_fp: str) ->
 
 
 def _build(spec: Mapping[str, Any], entry: str, seed: int, model, tokenizer, cache: Path) -> CalibrationSet:
+    pools = Path(spec["pool_dir"]) if spec.get("pool_dir") else cache / "pools"
     generator, options = calibration_options(spec, entry)
     n, seqlen = spec["n"], spec["seqlen"]
     if generator is not None:
@@ -170,8 +171,7 @@ def _build(spec: Mapping[str, Any], entry: str, seed: int, model, tokenizer, cac
         if generator == "sgs":
             opts.setdefault("data_dir", spec["data_dir"])
             opts.setdefault("data_source", spec["data_source"])
-        return GENERATORS[generator](model, tokenizer, n=n, seqlen=seqlen, seed=seed, cache_dir=cache / "pools",
-                                     **opts)
+        return GENERATORS[generator](model, tokenizer, n=n, seqlen=seqlen, seed=seed, cache_dir=pools, **opts)
     sources = spec["sources"] if entry == "mix" else entry
     return build_calibration(tokenizer, sources, n=n, seqlen=seqlen, seed=seed, data_dir=spec["data_dir"],
                              data_source=spec["data_source"])

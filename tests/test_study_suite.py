@@ -85,10 +85,13 @@ def tiny_lm():
 @needs_data
 def test_evaluate_items_records_and_cache(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm
+    # WinoGrande (near chance for SmolLM2, so not in the suite) exercises the several-contexts layout
+    monkeypatch.setitem(STUDY_SUITE, "winogrande", study_suite._mc("winogrande", 600, 200))
     res = evaluate_items(model, tok, benchmarks=list(TINY), overrides=TINY, data_dir=DATA_DIR,
                          cache_dir=tmp_path, progress=False)
     b = res["benchmarks"]
     assert res["fingerprint"] == model_fingerprint(model) and res["dtype"] == "float32"
+    assert len(b["winogrande"]["correct"]) == 2 and b["winogrande"]["k"] == [2, 2]
     assert len(b["piqa"]["correct"]) == 3 and b["piqa"]["k"] == [2, 2, 2] and 0 <= b["piqa"]["scores"]["acc"] <= 1
     assert b["piqa"]["scores"]["chance"] == pytest.approx(0.5)
     assert len(b["gsm8k_nll"]["nll"]) == 2 and all(t > 0 for t in b["gsm8k_nll"]["ntok"])

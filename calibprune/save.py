@@ -34,7 +34,8 @@ from .pruning.report import PruneReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_pruned", "check_output_dir", "check_finite", "NonFiniteWeightsError", "SIDECAR", "STAGING_PREFIX"]
+__all__ = ["save_pruned", "check_output_dir", "check_finite", "NonFiniteWeightsError", "SIDECAR", "STAGING_PREFIX",
+           "save_staged", "sidecar_for", "write_sidecar"]
 
 SIDECAR = "calibprune.json"
 STAGING_PREFIX = ".calibprune-staging-"
@@ -197,4 +198,38 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: Pru
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved pruned model to %s", out)
+    return out
+
+
+def sidecar_for(model: nn.Module, report: PruneReport, extra: dict | None = None) -> dict:
+    """The ``calibprune.json`` content :func:`save_pruned` writes: report, provenance, command line, the source
+    model's fingerprint (when :func:`load_model` loaded it) and ``extra``."""
+    sidecar = {"report": report.to_dict(), "provenance": provenance(), "command": list(sys.argv)}
+    source = source_fingerprint(model)
+    if source is not None:
+        sidecar["source_model"] = source
+    return sidecar | (extra or {})
+
+
+def write_sidecar(folder: str | os.PathLike, sidecar: dict) -> None:
+    """Write ``calibprune.json`` into ``folder`` (a staging folder: atomicity comes from the swap)."""
+    _write_sidecar(Path(folder), sidecar)
+
+
+def save_staged(out: str | os.PathLike, fill, *, overwrite: bool = False) -> Path:
+    """Publish an output folder with :func:`save_pruned`'s safety rules: ``check_output_dir``, a staging folder
+    beside ``out`` that ``fill(staging: Path)`` writes, then the swap (the old output is removed only once the new
+    one is in place). Used by the layer-by-layer save of :func:`calibprune.pruning.prune_and_save`."""
+    out = check_output_dir(out, overwrite=overwrite)
+    parent = Path(os.path.abspath(out)).parent
+    clean_stale_staging(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-{os.getpid()}-", dir=parent))
+    try:
+        os.chmod(tmp, normal_dir_mode())
+        fill(tmp)
+        _swap_in(tmp, parent / out.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

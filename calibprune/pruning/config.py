@@ -17,6 +17,8 @@ __all__ = ["PruneConfig", "parse_pattern", "NUMERICS", "option_fields"]
 
 #: ``"reference"``: bitwise the authors' numerics; ``"fast"``: may round differently, judged by quality.
 NUMERICS = ("reference", "fast")
+#: Where layer inputs wait between decoder layers (:mod:`calibprune.pruning.activations`).
+ACTIVATION_STORES = ("auto", "device", "cpu", "disk")
 DEFAULT_SPARSITY = 0.6
 
 
@@ -91,7 +93,11 @@ class PruneConfig:
             (bitwise their weights); larger is faster and rounds the statistics differently.
         device: compute device for one decoder layer at a time (default: cuda if available, else cpu).
         offload_activations: keep layer inputs on CPU between layers (big models on GPU).
+        activations: where layer inputs wait between layers: "auto" (the compute device, or CPU with
+            offload_activations), "device", "cpu", or "disk" (one file per batch; calibration larger than RAM).
         report_errors: compute each matrix's reconstruction error from the Hessian for the report.
+        resume: continue a killed prune after its last finished layer, from the work folder beside the output
+            (calibprune prune --out, prune_and_save); refused when the model, calibration or settings differ.
     """
 
     method: ClassVar[str] = ""
@@ -108,7 +114,9 @@ class PruneConfig:
     batch_size: int = 1
     device: str | None = None
     offload_activations: bool = False
+    activations: str = "auto"
     report_errors: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         from .registry import PROFILES, REFINERS
@@ -153,6 +161,10 @@ class PruneConfig:
         self.refine_options = _typed_options("refine", self.refine, REFINERS, self.refine_options)
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if self.activations not in ACTIVATION_STORES:
+            raise ValueError(f"activations must be one of {ACTIVATION_STORES}, got {self.activations!r}")
+        if self.offload_activations and self.activations == "device":
+            raise ValueError("offload_activations keeps layer inputs on CPU; it contradicts activations='device'")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         self.targets, self.ignore = _patterns(self.targets, "targets"), _patterns(self.ignore, "ignore")

@@ -177,6 +177,23 @@ class DSnoT(MaskRefiner):
         with self.timed("dsnot statistics"):
             self.stats[group].add(x)
 
+    def finalize_statistics(self, index: int) -> None:
+        # In a process group: each statistic is a running mean (‖X‖² and μ over sequences, the variance over
+        # tokens), combined as Σ_r (n_r/N)·T_r on the rank that refines the group.
+        if self.reducer is None:
+            return
+        stats, reducer = self.stats, self.reducer
+        samples = {g: s.nsamples for g, s in stats.items()}
+        tokens = {g: s.ntokens for g, s in stats.items()}
+        scaler, nsamples = reducer.running_means({g: s.scaler for g, s in stats.items()}, samples)
+        mean, _ = reducer.running_means({g: s.mean_sum for g, s in stats.items()}, samples)
+        var, ntokens = reducer.running_means({g: s.var for g, s in stats.items()}, tokens)
+        self.stats = {}
+        for g in scaler:
+            s = _Stats.__new__(_Stats)
+            s.scaler, s.mean_sum, s.var, s.nsamples, s.ntokens = scaler[g], mean[g], var[g], nsamples[g], ntokens[g]
+            self.stats[g] = s
+
     def refine(self, index: int, name: str, module: nn.Linear, group: str, W_dense: torch.Tensor,
                sparsity: float) -> dict:
         if any(fnmatch.fnmatchcase(name, p) for p in self.options.skip):

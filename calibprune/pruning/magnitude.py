@@ -54,6 +54,11 @@ class MagnitudeMethod(PruningMethod):
             self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group],
                                                   backend=self.resolved_backends["hessian_update"])
 
+    def finalize_statistics(self, index: int) -> None:
+        # In a process group: the report's Hessian, Σ_r (n_r/N)·H_r on the rank that prunes the group.
+        if self.reducer is not None:
+            self.H, self.nsamples = self.reducer.running_means(self.H, self.nsamples)
+
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data
         W[magnitude_mask(W, sparsity, self.config.prune_n, self.config.prune_m)] = 0

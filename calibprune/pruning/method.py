@@ -47,12 +47,15 @@ class LayerStatistics:
     """Per-layer calibration statistics: what a pruning method and a mask refiner both collect.
 
     ``timings`` (sub-phase seconds) and ``resolved_backends`` (op → backend really run) are declared here and
-    copied into the report by the pipeline.
+    copied into the report by the pipeline. ``reducer``: in a process group, the
+    :class:`~calibprune.pruning.distributed.StatisticsReducer` that ``finalize_statistics`` combines the ranks'
+    statistics with (set by the pipeline for each layer; None in one process).
     """
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.resolved_backends: dict[str, str] = {}
+        self.reducer: Any = None
 
     def resolve(self, device: torch.device) -> None:
         """Check, before any work, that this can run on ``device``; fill ``resolved_backends``."""

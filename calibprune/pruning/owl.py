@@ -64,6 +64,8 @@ class _OutlierRatios(PruningMethod):
     """A measuring pass: Wanda statistics per group, then each layer's outlier ratio; weights stay dense."""
 
     config_class = PruneConfig
+    # Every rank measures every module (the weights stay dense), so every rank derives the same sparsities.
+    distribute_modules = False
 
     def __init__(self, config: PruneConfig, m: float):
         super().__init__(config)
@@ -82,6 +84,11 @@ class _OutlierRatios(PruningMethod):
             self.scaler[group] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
             self.nsamples[group] = 0
         self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, self.nsamples[group])
+
+    def finalize_statistics(self, index: int) -> None:
+        # In a process group: Σ_r (n_r/N)·scaler_r, on every rank.
+        if self.reducer is not None:
+            self.scaler, self.nsamples = self.reducer.running_means(self.scaler, self.nsamples, everywhere=True)
 
     def _score(self, module: nn.Linear, group: str) -> torch.Tensor:
         return torch.abs(module.weight.data.float()) * torch.sqrt(self.scaler[group].reshape(1, -1))

@@ -20,20 +20,39 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationSet, as_token_ids
+from .activations import ActivationStore
 from .config import PruneConfig
+from .distributed import (
+    StatisticsReducer,
+    assign_owners,
+    broadcast_tensors,
+    check_same,
+    current_context,
+    module_cost,
+    shard_range,
+    sync_phase,
+)
 from .method import LayerStatistics, MaskRefiner, PruningMethod, reconstruction_error
 from .report import ModuleRecord, PruneReport
+
+if TYPE_CHECKING:
+    from .checkpoint import LayerCheckpoint
 
 log = logging.getLogger(__name__)
 
 __all__ = ["prune", "check_request", "find_decoder_layers", "capture_layer_inputs", "select_targets", "prune_layerwise",
-           "exact_fp32", "resolve_device", "fast_forwards"]
+           "exact_fp32", "resolve_device", "fast_forwards", "LAYER_LOADER"]
+
+#: Attribute of a model whose decoder layers live elsewhere (on disk) and are loaded one at a time: an object with
+#: ``load(index, layer, device)`` and ``release(index, layer)`` (see :mod:`calibprune.pruning.streaming`).
+LAYER_LOADER = "calibprune_layer_loader"
 
 
 class _StopForward(Exception):
@@ -159,18 +178,25 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
     """Run the model up to its first decoder layer for each batch of ``ids: [n, seqlen] int64``.
 
     Everything but the decoder layers is moved to ``device`` for this (embeddings, rotary tables); the layers
-    stay where they are, since the pre-hook stops the forward before layer 0 runs.
+    stay where they are (they may be on the meta device), since the pre-hook stops the forward before layer 0 runs.
 
     Returns:
         hidden states per batch (``[b, seqlen, hidden]`` in the model dtype, on ``store``) and the keyword
         arguments layer 0 received for that batch (tensors on ``device``).
     """
     inputs: list[torch.Tensor] = []
+    kwargs = _capture(model, layers, ids, batch_size, device, lambda x: inputs.append(x.to(store)))
+    return inputs, kwargs
+
+
+def _capture(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device,
+             put: Callable[[torch.Tensor], None]) -> list[dict]:
+    """:func:`capture_layer_inputs` handing each batch's hidden states to ``put`` as soon as it is computed."""
     kwargs_per_batch: list[dict] = []
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.to(store))
+        put(hidden)
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kwargs["use_cache"] = False
         kwargs.pop("past_key_value", None)
@@ -196,7 +222,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
                 key.data = key.data.to(dev)
             else:
                 table[key] = table[key].to(dev)
-    return inputs, kwargs_per_batch
+    return kwargs_per_batch
 
 
 @contextlib.contextmanager
@@ -268,100 +294,272 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, kwargs: dict, autocast: to
     return out[0] if isinstance(out, tuple) else out
 
 
+def _activation_kind(config: PruneConfig) -> str:
+    if config.activations != "auto":
+        return config.activations
+    return "cpu" if config.offload_activations else "device"
+
+
+def _group_costs(modules: dict[str, nn.Linear], leader_of: dict[str, str]) -> dict[str, float]:
+    """Cost of pruning each input group: its inverse factor (cols³, computed once) plus rows·cols² per module."""
+    costs: dict[str, float] = {}
+    for name, module in modules.items():
+        group = leader_of.get(name)
+        if group is None:
+            continue
+        rows, cols = module.weight.shape
+        costs[group] = costs.get(group, float(cols) ** 3) + module_cost(rows, cols)
+    return costs
+
+
+def _check_distributable(consumers: Sequence[LayerStatistics], ids: torch.Tensor | None) -> None:
+    """A method that collects statistics must combine them across ranks in ``finalize_statistics``."""
+    if ids is None:
+        return
+    for consumer in consumers:
+        if type(consumer).finalize_statistics is LayerStatistics.finalize_statistics:
+            raise ValueError(f"{type(consumer).__name__} does not combine its statistics across ranks (its "
+                             "finalize_statistics is the base no-op), so it cannot run in a process group; run it "
+                             "in one process")
+
+
+class _Layerwise:
+    """One pass of :func:`prune_layerwise`: the state shared by its per-layer phases."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor | None, config: PruneConfig, method: PruningMethod,
+                 report: PruneReport, layer_sparsities: Sequence[float] | None, refiner: MaskRefiner | None,
+                 checkpoint: LayerCheckpoint | None):
+        self.model, self.ids, self.config, self.method, self.report = model, ids, config, method, report
+        self.layer_sparsities, self.refiner, self.checkpoint = layer_sparsities, refiner, checkpoint
+        self.ctx = current_context()
+        self.device = resolve_device(config)
+        self.prefix, self.layers = find_decoder_layers(model)
+        self.loader = getattr(model, LAYER_LOADER, None)
+        self.autocast = fast_forwards(config, self.device)
+        self.consumers: list[LayerStatistics] = [method] + ([refiner] if refiner else [])
+        # A measuring pass that leaves the weights alone (OWL) runs every module on every rank.
+        self.weight_parallel = self.ctx is not None and getattr(method, "distribute_modules", True)
+        self.seqlen = ids.shape[1] if ids is not None else 0
+        self.kwargs: list[dict] = []
+        self.phases = dict.fromkeys(("capture", "statistics", "prune", "propagate"), 0.0)
+        if self.ctx is not None:
+            _check_distributable(self.consumers, ids)
+
+    # -- sharding and capture ---------------------------------------------------------------------------------
+    def local_ids(self) -> torch.Tensor | None:
+        """This rank's contiguous shard of the calibration batches (all of them in one process)."""
+        ids = self.ids
+        if ids is None or self.ctx is None:
+            return ids
+        bs = self.config.batch_size
+        n_batches = -(-ids.shape[0] // bs)
+        if n_batches < self.ctx.world:
+            raise ValueError(f"{n_batches} calibration batch(es) cannot be shared by {self.ctx.world} ranks: give "
+                             f"at least {self.ctx.world * bs} sequences (or fewer ranks / a smaller batch_size)")
+        mine = shard_range(n_batches, self.ctx.world, self.ctx.rank)
+        return ids[mine.start * bs : min(mine.stop * bs, ids.shape[0])]
+
+    def capture(self, store: ActivationStore) -> None:
+        error = None
+        try:
+            local = self.local_ids()
+            if local is not None:
+                self.kwargs = _capture(self.model, self.layers, local, self.config.batch_size, self.device,
+                                       store.append)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it (sync_phase re-raises)
+            error = exc
+        sync_phase(self.ctx, "capture (the forward up to layer 0)", error)
+
+    # -- one layer --------------------------------------------------------------------------------------------
+    def statistics(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear],
+                   store: ActivationStore) -> dict[str, str]:
+        """Run the local batches through ``layer`` feeding the statistics; returns the input groups."""
+        for consumer in self.consumers:
+            consumer.start_layer(index, modules, self.device)
+        leader_of = {name: name for name in modules}
+        error = None
+        if self.ids is not None:
+            try:
+                router = _InputRouter(modules, self.consumers, self.method.share_inputs, self.method.stop_early)
+                try:
+                    for b, kw in enumerate(self.kwargs):
+                        try:
+                            _layer_forward(layer, store.get(b), kw, self.autocast)
+                        except _StopForward:
+                            pass
+                        router.end_forward()
+                finally:
+                    router.remove()
+                leader_of = router.leader_of
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        groups = sync_phase(self.ctx, f"layer {index} statistics", error, sorted(leader_of.items()))
+        if any(g != groups[0] for g in groups):
+            raise RuntimeError(f"the ranks found different input groups in layer {index}: {groups}")
+        return leader_of
+
+    def prune_modules(self, index: int, modules: dict[str, nn.Linear], leader_of: dict[str, str],
+                      sparsity: float) -> list[ModuleRecord]:
+        """Finalize the statistics, prune the modules this rank owns, share the weights and records."""
+        ctx, method, refiner, config = self.ctx, self.method, self.refiner, self.config
+        rank = ctx.rank if ctx is not None else 0
+        owners: dict[str, int] = {}
+        if ctx is not None:
+            groups = _group_costs(modules, leader_of)
+            owners = assign_owners(groups, ctx.world) if self.weight_parallel else dict.fromkeys(groups, rank)
+            reducer = StatisticsReducer(ctx, owners, config.numerics)
+            for consumer in self.consumers:
+                consumer.reducer = reducer
+        for consumer in self.consumers:
+            consumer.finalize_statistics(index)
+        records: dict[str, ModuleRecord] = {}
+        error = None
+        try:
+            for name, module in modules.items():
+                group = leader_of.get(name)
+                if group is None:
+                    log.warning("%s.%d.%s never ran on the calibration data; left dense", self.prefix, index, name)
+                    continue
+                if owners.get(group, rank) != rank:
+                    continue
+                t_mod = time.perf_counter()
+                W_dense = module.weight.data.float().clone()
+                result = method.prune_module(index, name, module, group, sparsity)
+                extra = dict(result.extra)
+                if refiner is not None:
+                    extra |= refiner.refine(index, name, module, group, W_dense, sparsity)
+                weight = module.weight.data
+                error_sq = rel = None
+                if config.report_errors and result.hessian is not None:
+                    with method.timed("errors"):
+                        error_sq, rel = reconstruction_error(W_dense, weight.float(), result.hessian, self.seqlen)
+                records[name] = ModuleRecord(
+                    layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
+                    target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),
+                    seconds=time.perf_counter() - t_mod, recon_error=error_sq, rel_error=rel,
+                    obs_loss=result.obs_loss, damping=result.damping, extra=extra or None)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        shared = sync_phase(ctx, f"layer {index} prune", error, records if self.weight_parallel else None)
+        if self.weight_parallel:
+            broadcast_tensors(ctx, [(modules[name].weight.data, owners[leader_of[name]]) for name in modules
+                                    if name in leader_of], "weights (broadcast)")
+            for part in shared:
+                records |= part
+        for consumer in self.consumers:
+            consumer.end_layer(index)
+            if ctx is not None:
+                consumer.reducer = None
+        return [records[name] for name in modules if name in records]
+
+    def propagate(self, index: int, layer: nn.Module, store: ActivationStore) -> None:
+        error = None
+        if self.ids is not None and (index + 1 < len(self.layers) or not self.method.stop_early):
+            try:
+                for b, kw in enumerate(self.kwargs):
+                    store.set(b, _layer_forward(layer, store.get(b), kw, self.autocast))
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        sync_phase(self.ctx, f"layer {index} propagate", error)
+
+    def run_layer(self, index: int, layer: nn.Module, store: ActivationStore) -> None:
+        t_layer = time.perf_counter()
+        config, report, checkpoint = self.config, self.report, self.checkpoint
+        home = None
+        if self.loader is not None:
+            self.loader.load(index, layer, self.device)
+        else:
+            home = next(layer.parameters()).device
+            layer.to(self.device)
+        records: list[ModuleRecord] = []
+        done = checkpoint is not None and checkpoint.is_done(index)
+        if done:
+            records = checkpoint.restore(index, layer, self.ctx)
+        else:
+            modules = select_targets(layer, config.targets, config.ignore, prefix=f"{self.prefix}.{index}")
+            sparsity = (self.layer_sparsities[index] if self.layer_sparsities is not None
+                        else config.layer_sparsity(index))
+            if not modules:
+                log.info("%s.%d has no target Linear modules; left dense", self.prefix, index)
+            else:
+                t_phase = time.perf_counter()
+                leader_of = self.statistics(index, layer, modules, store)
+                t_prune = time.perf_counter()
+                self.phases["statistics"] += t_prune - t_phase
+                records = self.prune_modules(index, modules, leader_of, sparsity)
+                self.phases["prune"] += time.perf_counter() - t_prune
+        report.modules.extend(records)
+        t_phase = time.perf_counter()
+        self.propagate(index, layer, store)
+        self.phases["propagate"] += time.perf_counter() - t_phase
+        seconds = time.perf_counter() - t_layer
+        if checkpoint is not None:
+            if done:
+                seconds = checkpoint.layer_seconds(index)
+            else:
+                error = None
+                try:
+                    checkpoint.commit(index, layer, records, seconds)
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+                sync_phase(self.ctx, f"layer {index} save", error)
+        if self.loader is not None:
+            self.loader.release(index, layer)
+        else:
+            layer.to(home)
+        report.layer_seconds.append(seconds)
+
+    def run(self, progress: bool) -> PruneReport:
+        report, ctx = self.report, self.ctx
+        t_start = time.perf_counter()
+        folder = self.checkpoint.folder if self.checkpoint is not None else None
+        store = ActivationStore(_activation_kind(self.config), self.device, folder)
+        try:
+            with exact_fp32():
+                self.capture(store)
+                self.phases["capture"] = time.perf_counter() - t_start
+                show = progress and (ctx is None or ctx.is_main)
+                for index, layer in enumerate(tqdm(self.layers, desc=f"{report.method} layers", unit="layer",
+                                                   disable=not show)):
+                    self.run_layer(index, layer, store)
+        finally:
+            store.close()
+        report.seconds = time.perf_counter() - t_start
+        report.phase_seconds = self.phases
+        for consumer in self.consumers:
+            report.timings |= {k: report.timings.get(k, 0.0) + v for k, v in consumer.timings.items()}
+            report.resolved_backends |= consumer.resolved_backends
+        if self.autocast is not None:
+            report.resolved_backends["forwards"] = str(self.autocast).removeprefix("torch.")
+        if ctx is not None:
+            per_rank = sync_phase(ctx, "the end of the pass", None, {"phase_seconds": self.phases,
+                                                                      "collectives": ctx.summary()["collectives"]})
+            report.distributed = {"world_size": ctx.world, "backend": ctx.backend,
+                                  "weight_parallel": self.weight_parallel, "ranks": per_rank}
+        return report
+
+
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, ids: torch.Tensor | None, config: PruneConfig, method: PruningMethod,
                     report: PruneReport, *, layer_sparsities: Sequence[float] | None = None,
-                    refiner: MaskRefiner | None = None, progress: bool = True) -> PruneReport:
+                    refiner: MaskRefiner | None = None, progress: bool = True,
+                    checkpoint: LayerCheckpoint | None = None) -> PruneReport:
     """Prune every target Linear of every decoder layer of ``model`` in place with ``method``.
 
     Args:
         ids: calibration tokens ``[n, seqlen]`` int64, or None for a data-free method (no forwards run).
         layer_sparsities: the target sparsity of each decoder layer (default: ``config.layer_sparsity(i)``).
         refiner: a mask refiner (e.g. DSnoT) applied to each matrix after the method pruned it.
+        checkpoint: a :class:`~calibprune.pruning.checkpoint.LayerCheckpoint` that saves each finished layer and
+            restores the layers a killed run finished (their inputs are recomputed through them).
+
+    Inside an initialised process group the pass is data-parallel over calibration batches and weight-parallel
+    over input groups (:mod:`calibprune.pruning.distributed`). A model carrying a layer loader (attribute
+    ``calibprune_layer_loader``, see :mod:`calibprune.pruning.streaming`) gets each decoder layer loaded before
+    its turn and released after it.
     """
-    device = resolve_device(config)
-    store = torch.device("cpu") if config.offload_activations else device
-    prefix, layers = find_decoder_layers(model)
-    autocast = fast_forwards(config, device)
-    consumers: list[LayerStatistics] = [method] + ([refiner] if refiner else [])
-    t_start = time.perf_counter()
-    phases = dict.fromkeys(("capture", "statistics", "prune", "propagate"), 0.0)
-    with exact_fp32():
-        inputs: list[torch.Tensor] = []
-        kwargs: list[dict] = []
-        if ids is not None:
-            inputs, kwargs = capture_layer_inputs(model, layers, ids, config.batch_size, device, store)
-        phases["capture"] = time.perf_counter() - t_start
-        seqlen = ids.shape[1] if ids is not None else 0
-        for index, layer in enumerate(tqdm(layers, desc=f"{report.method} layers", unit="layer",
-                                           disable=not progress)):
-            t_layer = time.perf_counter()
-            home = next(layer.parameters()).device
-            layer.to(device)
-            modules = select_targets(layer, config.targets, config.ignore, prefix=f"{prefix}.{index}")
-            sparsity = layer_sparsities[index] if layer_sparsities is not None else config.layer_sparsity(index)
-            if not modules:
-                log.info("%s.%d has no target Linear modules; left dense", prefix, index)
-            else:
-                t_phase = time.perf_counter()
-                for consumer in consumers:
-                    consumer.start_layer(index, modules, device)
-                leader_of = {name: name for name in modules}
-                if ids is not None:
-                    router = _InputRouter(modules, consumers, method.share_inputs, method.stop_early)
-                    try:
-                        for x, kw in zip(inputs, kwargs):
-                            try:
-                                _layer_forward(layer, x.to(device), kw, autocast)
-                            except _StopForward:
-                                pass
-                            router.end_forward()
-                    finally:
-                        router.remove()
-                    leader_of = router.leader_of
-                for consumer in consumers:
-                    consumer.finalize_statistics(index)
-                t_prune = time.perf_counter()
-                phases["statistics"] += t_prune - t_phase
-                for name, module in modules.items():
-                    t_mod = time.perf_counter()
-                    group = leader_of.get(name)
-                    if group is None:
-                        log.warning("%s.%d.%s never ran on the calibration data; left dense", prefix, index, name)
-                        continue
-                    W_dense = module.weight.data.float().clone()
-                    result = method.prune_module(index, name, module, group, sparsity)
-                    extra = dict(result.extra)
-                    if refiner is not None:
-                        extra |= refiner.refine(index, name, module, group, W_dense, sparsity)
-                    weight = module.weight.data
-                    error = rel = None
-                    if config.report_errors and result.hessian is not None:
-                        with method.timed("errors"):
-                            error, rel = reconstruction_error(W_dense, weight.float(), result.hessian, seqlen)
-                    report.modules.append(ModuleRecord(
-                        layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
-                        target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),
-                        seconds=time.perf_counter() - t_mod, recon_error=error, rel_error=rel,
-                        obs_loss=result.obs_loss, damping=result.damping, extra=extra or None))
-                for consumer in consumers:
-                    consumer.end_layer(index)
-                phases["prune"] += time.perf_counter() - t_prune
-            t_phase = time.perf_counter()
-            if ids is not None and (index + 1 < len(layers) or not method.stop_early):
-                for b, kw in enumerate(kwargs):
-                    inputs[b] = _layer_forward(layer, inputs[b].to(device), kw, autocast).to(store)
-            layer.to(home)
-            phases["propagate"] += time.perf_counter() - t_phase
-            report.layer_seconds.append(time.perf_counter() - t_layer)
-    report.seconds = time.perf_counter() - t_start
-    report.phase_seconds = phases
-    for consumer in consumers:
-        report.timings |= {k: report.timings.get(k, 0.0) + v for k, v in consumer.timings.items()}
-        report.resolved_backends |= consumer.resolved_backends
-    if autocast is not None:
-        report.resolved_backends["forwards"] = str(autocast).removeprefix("torch.")
-    return report
+    run = _Layerwise(model, ids, config, method, report, layer_sparsities, refiner, checkpoint)
+    return run.run(progress)
 
 
 def _check_against_model(model: nn.Module, ids: torch.Tensor | None, config: PruneConfig,
@@ -419,20 +617,45 @@ def check_request(model: nn.Module, calib: CalibrationSet | torch.Tensor | None,
     return method, ids, refiner
 
 
+def _model_signature(model: nn.Module) -> list:
+    """Names, shapes and dtypes of the parameters: what every rank must agree on (cheap; no weights read)."""
+    return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+
+
 def prune(model: nn.Module, calib: CalibrationSet | torch.Tensor | None, config: PruneConfig, *,
-          progress: bool = True) -> PruneReport:
+          progress: bool = True, checkpoint: LayerCheckpoint | None = None) -> PruneReport:
     """Prune ``model`` in place with the method ``config`` names; the one generic entry.
 
     Args:
         calib: a ``CalibrationSet`` or token ids ``[n, seqlen]`` int64 (None only for a data-free method).
         config: a method's typed config, e.g. ``SparseGPTConfig(sparsity=0.7, sparsity_profile="owl")``.
+        checkpoint: saves each finished layer and restores those of a killed run (used by
+            :func:`calibprune.pruning.streaming.prune_and_save`; ``config.resume`` needs one).
 
     Everything that can be checked (:func:`check_request`: targets, N:M widths, device, backends, token ids) is
-    checked before any weight changes. Returns the :class:`PruneReport`.
+    checked before any weight changes. Inside an initialised process group (``torchrun``) every rank calls this
+    with the same model, calibration and config (checked), and the pass is data- and weight-parallel
+    (:mod:`calibprune.pruning.distributed`); every rank gets the pruned model and the full report.
+    Returns the :class:`PruneReport`.
     """
+    from ..calibration.calibration_set import ids_sha256
     from .registry import PROFILES
 
-    method, ids, refiner = check_request(model, calib, config)
+    ctx = current_context()
+    error, checked = None, None
+    try:
+        if config.resume and checkpoint is None:
+            raise ValueError("resume=True continues a prune saved layer by layer to an output folder: use "
+                             "prune_and_save(model, calib, config, out) or calibprune prune --out DIR --resume")
+        checked = check_request(model, calib, config)
+    except Exception as exc:  # noqa: BLE001 - in a process group every rank must learn of it
+        error = exc
+    sync_phase(ctx, "checking the request", error)
+    method, ids, refiner = checked
+    if ctx is not None:
+        check_same(ctx, "the calibration tokens", ids_sha256(ids) if ids is not None else None)
+        check_same(ctx, "the prune config", config.to_dict())
+        check_same(ctx, "the model's parameter names and shapes", _model_signature(model))
     provenance = calib.provenance if isinstance(calib, CalibrationSet) else {"kind": "tensor" if ids is not None
                                                                               else "none"}
     report = PruneReport(method=config.method, config=config.to_dict(),
@@ -440,10 +663,17 @@ def prune(model: nn.Module, calib: CalibrationSet | torch.Tensor | None, config:
                                                    else {}))
     layer_sparsities = None
     if config.sparsity_profile != "uniform":
-        profile = PROFILES[config.sparsity_profile](config.profile_options)
-        t0 = time.perf_counter()
-        layer_sparsities, info = profile.layer_sparsities(model, ids, config, progress=progress)
-        report.profile = {"name": config.sparsity_profile, "seconds": time.perf_counter() - t0} | info
+        saved = checkpoint.profile if checkpoint is not None else None
+        if saved is not None:
+            layer_sparsities, report.profile = saved
+            log.info("%s layer sparsities restored from %s", config.sparsity_profile, checkpoint.folder)
+        else:
+            profile = PROFILES[config.sparsity_profile](config.profile_options)
+            t0 = time.perf_counter()
+            layer_sparsities, info = profile.layer_sparsities(model, ids, config, progress=progress)
+            report.profile = {"name": config.sparsity_profile, "seconds": time.perf_counter() - t0} | info
+            if checkpoint is not None:
+                checkpoint.save_profile(layer_sparsities, report.profile)
         log.info("%s layer sparsities: %s", config.sparsity_profile,
                  ", ".join(f"{s:.3f}" for s in layer_sparsities))
     _, layers = find_decoder_layers(model)
@@ -452,4 +682,4 @@ def prune(model: nn.Module, calib: CalibrationSet | torch.Tensor | None, config:
     # A data-free method needs forwards only for the reconstruction errors it reports.
     run_ids = ids if method.needs_calibration or refiner is not None or config.report_errors else None
     return prune_layerwise(model, run_ids, config, method, report, layer_sparsities=layer_sparsities,
-                           refiner=refiner, progress=progress)
+                           refiner=refiner, progress=progress, checkpoint=checkpoint)

@@ -43,7 +43,8 @@ class PruneReport:
     ``timings``: sub-phases the method and refiner time themselves (e.g. ``hessian`` inside statistics, ``obs``
     and ``errors`` inside prune). ``resolved_backends``: the op backends that really ran. ``layer_targets``: each
     decoder layer's target sparsity; ``profile``: details of a non-uniform sparsity profile (e.g. OWL's outlier
-    ratios).
+    ratios). ``distributed``: for a run in a process group, its world size, backend, and per rank the phase seconds
+    and the time and volume of each kind of collective.
     """
 
     method: str
@@ -57,6 +58,7 @@ class PruneReport:
     resolved_backends: dict[str, str] = field(default_factory=dict)
     layer_targets: list[float] = field(default_factory=list)
     profile: dict | None = None
+    distributed: dict | None = None
 
     @property
     def sparsity(self) -> float:

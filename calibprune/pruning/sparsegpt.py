@@ -138,6 +138,10 @@ class SparseGPTMethod(PruningMethod):
                                                       numerics=self.config.numerics)
 
     def finalize_statistics(self, index: int) -> None:
+        # In a process group each rank holds H_r = (2/n_r)·Σ XᵀX over its shard; H = Σ_r (n_r/N)·H_r, reduced to
+        # the rank that prunes the group (fast numerics: the upper triangles are summed, then mirrored once).
+        if self.reducer is not None:
+            self.H, self.nsamples = self.reducer.running_means(self.H, self.nsamples)
         if not self.reference:
             for H in self.H.values():
                 hessian_finalize(H, numerics=self.config.numerics)

@@ -97,6 +97,15 @@ class WandaMethod(PruningMethod):
             with self.timed("hessian"):
                 hessian_update(self.H[group], x, n, backend=self.resolved_backends["hessian_update"])
 
+    def finalize_statistics(self, index: int) -> None:
+        # In a process group: the scaler (a running mean over sequences) and the report's Hessian are combined as
+        # Σ_r (n_r/N)·T_r on the rank that prunes the group.
+        if self.reducer is not None:
+            counts = dict(self.nsamples)
+            self.scaler, self.nsamples = self.reducer.running_means(self.scaler, counts)
+            if self.H:
+                self.H, _ = self.reducer.running_means(self.H, counts)
+
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data
         mask = wanda_mask(W, self.scaler[group], sparsity, self.config.prune_n, self.config.prune_m)

@@ -101,6 +101,34 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     return {"p20": q[1], "p50": statistics.median(times), "p80": q[7], "repeats": repeats}
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, reference: str, device: torch.device | str = "cpu",
+                        rounds: int = 5, setup: Callable[[], object] | None = None) -> dict[str, dict[str, float]]:
+    """Time several providers round-robin (one call of each per round), for shared, noisy machines.
+
+    Load that comes and goes then hits every provider alike, and ``speedup`` — the median over rounds of
+    t(reference)/t(provider) in the same round — is steadier than a ratio of two separate medians. Call each ``fn``
+    once beforehand as the warm-up. Returns, per provider, p20/p50/p80 seconds, ``speedup`` and ``repeats``.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        srt = sorted(ts)
+        q = statistics.quantiles(srt, n=10, method="inclusive") if len(srt) > 1 else srt * 9
+        ratios = [r / t for r, t in zip(times[reference], ts)]
+        out[name] = {"p20": q[1], "p50": statistics.median(ts), "p80": q[7], "repeats": rounds,
+                     "speedup": statistics.median(ratios)}
+    return out
+
+
 def write_rows(bench: str, rows: list[dict], out: str | os.PathLike | None = None) -> Path:
     """Append ``rows`` as JSON lines to ``out`` (default ``benchmarks/results/<bench>.jsonl``)."""
     path = Path(out) if out else RESULTS_DIR / f"{bench}.jsonl"

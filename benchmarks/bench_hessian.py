@@ -3,8 +3,9 @@
 Providers: ``reference`` (IST-DASLab add_batch), ``torch``, ``triton`` and ``cuda`` (GPU only; the Triton
 interpreter on CPU is not a meaningful provider), each also as ``<backend>+fast`` (``numerics="fast"``: the upper
 triangle only, plus the one mirror of ``hessian_finalize``, timed together). Shapes: SmolLM2-135M widths with
-32×512 tokens on CPU, Llama-3-8B widths with 128×2048 tokens on GPU; X in fp32 and bf16. Each row records
-p20/p50/p80 seconds, the speed-up over the reference measured in the same run and the relative error against it.
+32×512 tokens on CPU, Llama-3-8B widths with 128×2048 tokens on GPU; X in fp32 and bf16. Providers are timed
+round-robin (``measure_interleaved``); each row records p20/p50/p80 seconds, the speed-up over the reference (median
+of per-round ratios) and the relative error against the reference's H.
 
 ``--variants`` times the CPU candidates for the fast update instead (the choice in ``hessian/torch_impl.py``):
 one full ``addmm_(beta, alpha)``, and upper-triangle row blocks of 128/256/512 rows.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, measure, print_table, write_rows  # noqa: E402
+from _harness import environment, measure_interleaved, print_table, write_rows  # noqa: E402
 
 from calibprune.ops import (  # noqa: E402
     available_backends,
@@ -64,9 +65,9 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False) -> list[dic
             def setup() -> None:
                 state["H"] = H0.clone()
 
-            ref_p50 = None
             expected = H0.clone()
             hessian_update_reference(expected, X, 7)
+            fns, errors = {}, {}
             for provider in providers(dev):
                 backend, _, fast = provider.partition("+")
                 numerics = "fast" if fast else "reference"
@@ -77,15 +78,18 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False) -> list[dic
                     def fn(backend=backend, numerics=numerics):
                         hessian_update(state["H"], X, 7, backend=backend, numerics=numerics)
                         return hessian_finalize(state["H"], numerics=numerics)
-                tm = measure(fn, device=dev, warmup=1, repeats=repeats, setup=setup)
-                if provider == "reference":
-                    ref_p50 = tm["p50"]
-                flops = 2.0 * b * t * d * d  # as a full GEMM, for comparability across providers
-                rel = ((state["H"] - expected).norm() / expected.norm()).item()
+                setup()
+                fn()  # warm-up, and the result to check
+                errors[provider] = ((state["H"] - expected).norm() / expected.norm()).item()
+                fns[provider] = fn
+            timing = measure_interleaved(fns, reference="reference", device=dev, rounds=repeats, setup=setup)
+            flops = 2.0 * b * t * d * d  # as a full GEMM, for comparability across providers
+            for provider, tm in timing.items():
+                speedup = tm.pop("speedup")
                 rows_out.append({
                     "bench": "hessian_update", "provider": provider, "shape": f"{b}x{t}x{d}", "dtype": dname, **tm,
-                    "speedup_vs_reference": ref_p50 / tm["p50"], "gflops_equiv": flops / tm["p50"] / 1e9,
-                    "rel_err_vs_reference": rel, **env})
+                    "timing": "interleaved", "speedup_vs_reference": speedup,
+                    "gflops_equiv": flops / tm["p50"] / 1e9, "rel_err_vs_reference": errors[provider], **env})
             X = None  # free the activations before the next (possibly 14336-wide) case
     print_table(rows_out, ["shape", "dtype", "provider", "p20", "p50", "p80", "speedup_vs_reference",
                            "gflops_equiv", "rel_err_vs_reference"])
@@ -110,12 +114,15 @@ def variants(repeats: int = 5) -> list[dict]:
         for block in (128, 256, 512):
             cands[f"upper row blocks of {block}"] = lambda block=block: hessian_update_torch_fast(
                 state["H"], X2d, beta, alpha, block=block)
-        ref = None
-        for name, fn in cands.items():
-            tm = measure(fn, warmup=1, repeats=repeats, setup=lambda: state.update(H=H0.clone()))
-            ref = ref or tm["p50"]
+        for fn in cands.values():
+            state.update(H=H0.clone())
+            fn()  # warm-up
+        timing = measure_interleaved(cands, reference="reference sequence", rounds=repeats,
+                                     setup=lambda: state.update(H=H0.clone()))
+        for name, tm in timing.items():
+            speedup = tm.pop("speedup")
             rows_out.append({"bench": "hessian_fast_variants", "provider": name, "shape": f"{b}x{t}x{d}",
-                             "dtype": "fp32", **tm, "speedup_vs_reference": ref / tm["p50"], **env})
+                             "dtype": "fp32", **tm, "timing": "interleaved", "speedup_vs_reference": speedup, **env})
     print_table(rows_out, ["shape", "provider", "p20", "p50", "p80", "speedup_vs_reference"])
     path = write_rows("bench_hessian", rows_out)
     print(f"\nrows appended to {path}")

@@ -4,9 +4,10 @@ Providers: ``reference`` (IST-DASLab fasterprune line for line), ``torch``, ``cp
 (GPU only; the Triton interpreter on CPU is not a meaningful provider), each also as ``<backend>+fast``
 (``numerics="fast"``: the one-Cholesky reversed factor, one fused addmm per trailing update). Shapes: SmolLM2-135M
 projections on CPU, Llama-3-8B projections on GPU. H is a realistic, well-conditioned Hessian 2/n·XᵀX from
-correlated random inputs. Each row records p20/p50/p80 seconds, the speed-up over the reference measured in the same
-run, whether the weights are bitwise the reference's, and the quality contract (mask agreement, reconstruction error
-against the reference's; ``calibprune.ops.contract``).
+correlated random inputs. Providers are timed round-robin (``measure_interleaved``). Each row records p20/p50/p80
+seconds, the speed-up over the reference (median of per-round ratios), whether the weights are bitwise the
+reference's, and the quality contract (mask agreement, reconstruction error against the reference's;
+``calibprune.ops.contract``).
 
 ``--thresholds`` times the exact block-threshold candidates instead (sort, kthvalue, topk: the same value, so the
 choice in ``obs/torch_impl.py`` changes no bit).
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, measure, print_table, write_rows  # noqa: E402
+from _harness import environment, measure_interleaved, print_table, write_rows  # noqa: E402
 
 from calibprune.ops import available_backends, check_contract, obs_prune, obs_prune_reference  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: f
                 state["W"], state["H"] = W0.clone(), H0.clone()
 
             ref_mask = ref_W = None
-            ref_p50 = None
+            fns, checks = {}, {}
             for provider in providers(dev):
                 if provider == "reference":
                     def fn():
@@ -84,16 +85,19 @@ def main(device: str = "cpu", repeats: int = 5, quick: bool = False, sparsity: f
                 mask = fn()  # also the warm-up for compiled kernels
                 if ref_mask is None:
                     ref_mask, ref_W = mask, state["W"].clone()
-                contract = check_contract(W0, H0, ref_W, ref_mask, state["W"], mask)
-                bitwise = bool(torch.equal(mask, ref_mask) and torch.equal(state["W"], ref_W))
-                t = measure(fn, device=dev, warmup=0, repeats=repeats, setup=setup)
-                if provider == "reference":
-                    ref_p50 = t["p50"]
+                checks[provider] = (check_contract(W0, H0, ref_W, ref_mask, state["W"], mask),
+                                    bool(torch.equal(mask, ref_mask) and torch.equal(state["W"], ref_W)),
+                                    bool(torch.equal(mask, ref_mask)))
+                fns[provider] = fn
+            # Round-robin timing: load on a shared machine hits every provider alike.
+            timing = measure_interleaved(fns, reference="reference", device=dev, rounds=repeats, setup=setup)
+            for provider, tm in timing.items():
+                contract, bitwise, mask_equal = checks[provider]
+                speedup = tm.pop("speedup")
                 rows_out.append({
                     "bench": "obs_prune", "provider": provider, "shape": f"{rows}x{cols}", "pattern": pattern,
-                    "blocksize": blocksize, "sparsity": sparsity if not n else None, **t,
-                    "speedup_vs_reference": ref_p50 / t["p50"], "mask_equal_reference": bool(torch.equal(mask,
-                                                                                                       ref_mask)),
+                    "blocksize": blocksize, "sparsity": sparsity if not n else None, **tm, "timing": "interleaved",
+                    "speedup_vs_reference": speedup, "mask_equal_reference": mask_equal,
                     "bitwise_reference": bitwise, "mask_agreement": contract.mask_agreement,
                     "recon_rel_diff": contract.recon_rel_diff, "contract_ok": contract.ok, **env})
     print_table(rows_out, ["shape", "pattern", "provider", "p20", "p50", "p80", "speedup_vs_reference",
@@ -116,14 +120,13 @@ def thresholds(device: str = "cpu", repeats: int = 20, blocksize: int = 128, spa
         cands = {"sort": lambda: torch.sort(flat)[0][k],
                  "kthvalue": lambda: torch.kthvalue(flat, k + 1).values,
                  "topk": lambda: torch.topk(flat, k + 1, largest=False, sorted=False).values.max()}
-        values = {name: float(fn()) for name, fn in cands.items()}
+        values = {name: float(fn()) for name, fn in cands.items()}  # also the warm-up
         assert len(set(values.values())) == 1, f"threshold candidates disagree: {values}"
-        ref = None
-        for name, fn in cands.items():
-            tm = measure(fn, device=dev, warmup=2, repeats=repeats)
-            ref = ref or tm["p50"]
+        timing = measure_interleaved(cands, reference="sort", device=dev, rounds=repeats)
+        for name, tm in timing.items():
+            speedup = tm.pop("speedup")
             rows_out.append({"bench": "obs_threshold", "provider": name, "shape": f"{rows}x{blocksize}", **tm,
-                             "speedup_vs_sort": ref / tm["p50"], **env})
+                             "timing": "interleaved", "speedup_vs_sort": speedup, **env})
     print_table(rows_out, ["shape", "provider", "p20", "p50", "p80", "speedup_vs_sort"])
     path = write_rows("bench_obs", rows_out)
     print(f"\nrows appended to {path}")

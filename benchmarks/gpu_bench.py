@@ -49,6 +49,8 @@ from calibprune.ops import (  # noqa: E402
 )
 
 STAGES = ("hessian", "obs", "e2e", "roofline")
+# Where rows go, written as each is measured: a stage stopped by its time limit keeps what it finished.
+_OUT: str | None = None
 
 
 def _device(dry: bool) -> torch.device:
@@ -79,15 +81,25 @@ def _row(stage: str, provider: str, env: dict, **fields) -> dict:
 
 
 def _guarded(rows: list[dict], stage: str, provider: str, env: dict, fn: Callable[[], dict], **ident) -> None:
-    """Run one provider; an exception becomes a row with the error (the stage goes on unless CUDA is poisoned)."""
+    """Run one provider and write its row at once; an exception becomes a row with the error (the stage goes on
+    unless the CUDA context is poisoned)."""
     try:
-        rows.append(_row(stage, provider, env, **ident, **fn()))
+        row = _row(stage, provider, env, **ident, **fn())
     except Exception as exc:  # noqa: BLE001 - recorded, reported in the summary
         print(f"[{stage}] {provider} {ident} FAILED: {exc!r}", flush=True)
         traceback.print_exc()
-        rows.append(_row(stage, provider, env, **ident, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+        row = _row(stage, provider, env, **ident, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         if torch.cuda.is_available() and "CUDA error" in str(exc):
+            rows.append(row)
+            _write(stage, row)
             raise
+    rows.append(row)
+    _write(stage, row)
+
+
+def _write(stage: str, row: dict) -> None:
+    if _OUT is not None:
+        write_rows(f"gpu_{stage}", [row], _OUT)
 
 
 # --- hessian ---------------------------------------------------------------------------------------------------------
@@ -351,6 +363,7 @@ def bench_roofline(device: torch.device, dry: bool, env: dict) -> list[dict]:
             s = _timed(lambda a=a, b=b: a @ b, device, reps)
             rows.append(_row("roofline", f"gemm_{str(dtype).split('.')[-1]}", env, shape=f"{n}^3", seconds=s,
                              tflops=2 * n**3 / s / 1e12))
+            _write("roofline", rows[-1])
             del a, b
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
@@ -359,19 +372,21 @@ def bench_roofline(device: torch.device, dry: bool, env: dict) -> list[dict]:
     dst = torch.empty_like(src)
     s = _timed(lambda: dst.copy_(src), device, reps)
     rows.append(_row("roofline", "copy", env, bytes=2 * nbytes, seconds=s, tb_per_s=2 * nbytes / s / 1e12))
+    _write("roofline", rows[-1])
     print_table(rows, ["provider", "shape", "seconds", "tflops", "tb_per_s"])
     return rows
 
 
 def main(stage: str, out: str, dry: bool) -> list[dict]:
+    global _OUT
+    _OUT = out
     device = _device(dry)
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference numerics are plain fp32
     env = {**environment(device), "dry_run": dry}
     fn = {"hessian": bench_hessian, "obs": bench_obs, "e2e": bench_e2e, "roofline": bench_roofline}[stage]
     t0 = time.perf_counter()
     rows = fn(device, dry, env)
-    print(f"[{stage}] {len(rows)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
-    write_rows(f"gpu_{stage}", rows, out)
+    print(f"[{stage}] {len(rows)} rows in {time.perf_counter() - t0:.1f} s, appended to {out}", flush=True)
     return rows
 
 

@@ -233,15 +233,21 @@ class _Study:
         self.model.load_state_dict(self.dense_state)
 
     def evaluate(self, dtype: str) -> tuple[dict[str, Any], float]:
-        """Per-item records of the current weights scored in ``dtype``; the model is left in fp32."""
+        """Per-item records of the current weights scored in ``dtype``; afterwards the model holds exactly the
+        fp32 weights it had before (a cast to bf16 and back would round them)."""
         t0 = time.perf_counter()
-        self.model.to(getattr(torch, dtype))
+        saved = None
+        if dtype != "float32":
+            saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.to(getattr(torch, dtype))
         try:
             res = evaluate_items(self.model, self.tokenizer, split=self.spec["split"], benchmarks=list(self.suite),
                                  overrides=self.spec["eval_overrides"] or None, data_dir=self.spec["data_dir"],
                                  cache_dir=self.cache / "eval", progress=self.progress)
         finally:
-            self.model.to(torch.float32)
+            if saved is not None:
+                self.model.to(torch.float32)
+                self.model.load_state_dict(saved)
         return res["benchmarks"], time.perf_counter() - t0
 
     def dense(self) -> dict[str, Any]:

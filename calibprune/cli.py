@@ -167,36 +167,76 @@ def _preflight_config(config) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .calibration import as_token_ids
+    import torch.distributed as dist
+
+    from .pruning.distributed import init_from_env
+
+    # Under torchrun: one process group, one rank per GPU (gloo on CPU); every rank runs this command, rank 0 alone
+    # evaluates, prints and writes the output.
+    ctx, device = init_from_env(getattr(args, "cfg__device", None))
+    if ctx is not None:
+        args.cfg__device = device
+        if not ctx.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _prune_and_save(args, ctx)
+    finally:
+        if ctx is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prune_and_save(args: argparse.Namespace, ctx) -> int:
+    from .calibration import GENERATORS, as_token_ids
     from .calibration.calibration_set import ids_sha256
     from .evaluation import wikitext2_perplexity
-    from .models import load_model, parse_dtype, resolve_model_path
-    from .pruning import check_request, prune
+    from .models import checkpoint_folder, load_model, load_tokenizer, parse_dtype, resolve_model_path
+    from .pruning import check_request
     from .pruning.cli_options import config_from_args
-    from .save import check_output_dir, save_pruned
+    from .pruning.pipeline import resolve_device
+    from .pruning.streaming import load_streamed, prune_and_save
+    from .save import check_output_dir
 
     # Everything that can be checked without loading the model or data is checked first, then everything the
     # model decides (targets, widths, device, token ids) before the dense evaluation and the prune.
+    main = ctx is None or ctx.is_main
     config = config_from_args(args)
     _preflight_config(config)
     check_output_dir(args.out, overwrite=args.overwrite)
-    resolve_model_path(args.model)
-    parse_dtype(args.dtype)
+    kind, where = resolve_model_path(args.model)
+    dtype = parse_dtype(args.dtype)
+    if args.stream and args.calib in GENERATORS:
+        raise ValueError(f"--calib {args.calib} needs the whole model to generate the set; build it first with "
+                         "calibprune calib (it loads the model once) and give the .pt file, or drop --stream")
     spec = _preflight_calib(args)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.stream:
+        tokenizer = load_tokenizer(args.model)
+        model = load_streamed(checkpoint_folder(args.model), dtype=dtype, device=resolve_device(config))
+        model.calibprune_source = {"reference": args.model, "kind": kind, "path": where}
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
     calib = _calibration(args, spec, tokenizer, model)
     check_request(model, calib, config)
-    dense_ppl = None if args.no_eval else wikitext2_perplexity(
+    evaluate = not args.no_eval and not args.stream and main
+    dense_ppl = None if not evaluate else wikitext2_perplexity(
         model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
-    report = prune(model, calib, config)
-    pruned_ppl = None if args.no_eval else wikitext2_perplexity(
-        model, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
+    skipped = "skipped (--stream)" if args.stream else "skipped"
+
+    evaluated: dict = {}
+
+    def after_prune(pruned, report) -> dict:
+        evaluated["pruned_ppl"] = None if not evaluate else wikitext2_perplexity(
+            pruned, tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows, data_dir=args.data_dir)
+        return {"wikitext2": {"dense_ppl": dense_ppl, "pruned_ppl": evaluated["pruned_ppl"],
+                              "seqlen": args.eval_seqlen, "windows": args.eval_windows}}
+
     extra = {"model": args.model, "calibration": getattr(calib, "provenance", {}),
-             "calibration_ids_sha256": ids_sha256(as_token_ids(calib)),
-             "wikitext2": {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "seqlen": args.eval_seqlen,
-                           "windows": args.eval_windows}}
-    out = save_pruned(model, tokenizer, args.out, report, extra=extra, overwrite=args.overwrite)
+             "calibration_ids_sha256": ids_sha256(as_token_ids(calib))}
+    report = prune_and_save(model, calib, config, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                            extra=extra, after_prune=after_prune)
+    if not main:
+        return 0
+    out, pruned_ppl = Path(args.out), evaluated.get("pruned_ppl")
     how = [config.pattern, f"numerics {config.numerics}"]
     if config.sparsity_profile != "uniform":
         how.append(f"profile {config.sparsity_profile}")
@@ -210,9 +250,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             ("target sparsity", _format_sparsity(tuple(report.layer_targets) if config.sparsity_profile != "uniform"
                                                  else config.sparsity)),
             ("achieved sparsity", f"{report.sparsity:.2%}"),
-            ("WikiText-2 ppl dense", "skipped" if dense_ppl is None else f"{dense_ppl:.2f}"),
-            ("WikiText-2 ppl pruned", "skipped" if pruned_ppl is None else f"{pruned_ppl:.2f}"),
+            ("WikiText-2 ppl dense", skipped if dense_ppl is None else f"{dense_ppl:.2f}"),
+            ("WikiText-2 ppl pruned", skipped if pruned_ppl is None else f"{pruned_ppl:.2f}"),
             ("saved to", str(out))]
+    if ctx is not None:
+        rows.insert(4, ("ranks", f"{ctx.world} ({ctx.backend})"))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     return 0
@@ -324,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned WikiText-2 perplexity")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--stream", action="store_true",
+                   help="load one decoder layer at a time from the checkpoint (models larger than RAM; the "
+                        "WikiText-2 evaluation is skipped)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("calib", help="build a calibration set and save it (.pt + .json provenance)")
@@ -356,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .pruning.distributed import RankFailure
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -365,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ImportError, PermissionError,
-            NotADirectoryError, IsADirectoryError, KeyError) as exc:
+            NotADirectoryError, IsADirectoryError, KeyError, RankFailure) as exc:
         if args.verbose:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

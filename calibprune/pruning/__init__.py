@@ -17,6 +17,7 @@ from .recipe import load_recipe
 from .registry import CONFIGS, METHODS, PROFILES, REFINERS, make_config
 from .report import ModuleRecord, PruneReport
 from .sparsegpt import SparseGPTConfig, SparseGPTReferenceConfig, prune_sparsegpt_fused, prune_sparsegpt_reference
+from .streaming import load_streamed, prune_and_save
 from .wanda import WandaConfig, prune_wanda
 
 __all__ = [
@@ -25,5 +26,5 @@ __all__ = [
     "PROFILES", "REFINERS", "CONFIGS", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult",
     "PruneReport", "ModuleRecord", "prune_sparsegpt_fused", "prune_sparsegpt_reference", "prune_wanda",
     "prune_magnitude", "parse_pattern", "find_decoder_layers", "select_targets", "capture_layer_inputs",
-    "prune_layerwise",
+    "prune_layerwise", "prune_and_save", "load_streamed",
 ]

@@ -6,14 +6,16 @@ Inside an initialised process group (``torchrun``, or ``torch.distributed.init_p
 * **Shards.** The calibration batches are split into contiguous shards in sample order (rank 0 holds the first
   batches), so the one-process order is the concatenation of the shards. Each rank captures its shard's layer-0
   inputs, runs it through every layer, and propagates it to the next layer; activations never cross ranks.
-* **Statistics.** Each rank folds its shard into the method's running means exactly as one process would, with
-  its local count ``n_r``. ``finalize_statistics`` combines them once per layer through a
-  :class:`StatisticsReducer`. A running mean over ``n_r`` sequences is ``T_r = (1/n_r)·Σ_{i∈r} t_i`` (SparseGPT's
-  H = (2/n)·Σ XᵢᵀXᵢ, Wanda's ‖X_j‖², DSnoT's means), so the mean over all ``N = Σ n_r`` sequences is
-  ``T = Σ_r (n_r/N)·T_r``. With ``numerics="reference"`` the terms are summed in rank order, on fp32 copies
-  gathered from every rank (:func:`ordered_weighted_sum`), so the result does not depend on the collective's
-  algorithm or the machine: the same H bits on every run. With ``numerics="fast"`` each rank scales its own
-  term and a plain ``all_reduce``/``reduce`` sums them.
+* **Statistics.** Every statistic here is a running mean folded batch by batch in sample order (SparseGPT's
+  ``H ← H·n/(n+b) + (2/(n+b))·XᵀX``, Wanda's ‖X_j‖², DSnoT's means and variances). A running mean over ``n_r``
+  sequences is ``T_r = (1/n_r)·Σ_{i∈r} t_i``, so the mean over all ``N = Σ n_r`` sequences is
+  ``T = Σ_r (n_r/N)·T_r``: that is how the running-average scaling is reproduced from partial sums, and what
+  ``numerics="fast"`` does (each rank scales its own mean by ``n_r/N``, one ``reduce`` sums them). It rounds
+  differently from one process, and SparseGPT's masks are chaotic in H (on SmolLM2-135M the partial-sum H gave
+  90.6% mask agreement with one process and a 2.9% larger reconstruction error), so ``numerics="reference"``
+  reproduces the one-process fold *exactly* instead: an order-fixed chain over the ranks in sample order, with
+  the expensive per-batch products still computed in parallel (:class:`StatisticsReducer`). The masks and weights
+  are then bitwise those of one process.
 * **Solves.** The target modules of a layer are grouped by shared input (q/k/v, gate/up share one Hessian and
   one inverse factor) and the groups are dealt to ranks by cost (:func:`assign_owners`: cols³ for the factor plus
   rows·cols² per module, largest first to the least-loaded rank). A group's statistics are reduced to its owner
@@ -34,7 +36,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +45,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "current_context", "init_from_env", "shard_range", "assign_owners", "module_cost",
-           "sync_phase", "check_same", "StatisticsReducer", "ordered_weighted_sum", "broadcast_tensors",
+__all__ = ["DistContext", "RankFailure", "current_context", "init_from_env", "shard_range", "assign_owners",
+           "module_cost", "sync_phase", "check_same", "StatisticsReducer", "broadcast_tensors",
            "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]
 
 #: Seconds a collective may wait for a peer before the process group gives up (``init_from_env``).
@@ -52,6 +54,10 @@ DEFAULT_TIMEOUT_S = 1800
 TIMEOUT_ENV = "CALIBPRUNE_DIST_TIMEOUT"
 # Elements per collective when gathering statistics for an ordered sum: bounds the extra memory to world × 64 MB.
 _CHUNK = 16 * 1024 * 1024
+
+
+class RankFailure(RuntimeError):
+    """A rank failed in a phase of a distributed prune; raised on every rank (see :func:`sync_phase`)."""
 
 
 @dataclass
@@ -167,7 +173,8 @@ def _describe(exc: BaseException) -> str:
 def sync_phase(ctx: DistContext | None, where: str, error: BaseException | None, payload: Any = None) -> list[Any]:
     """Collectively exchange each rank's outcome of a local phase; returns every rank's ``payload``.
 
-    When any rank failed, every rank raises ``RuntimeError("rank R failed in <where>: <error>")`` naming each
+    When any rank failed, every rank raises :class:`RankFailure` ("rank R failed in <where>: <error>", a
+    ``RuntimeError``) naming each
     failed rank (the failing rank chains its own exception). ``where`` reads like ``"layer 3 prune"``. In one
     process (``ctx`` None) an error is re-raised unchanged.
     """
@@ -182,7 +189,7 @@ def sync_phase(ctx: DistContext | None, where: str, error: BaseException | None,
     failed = [(r, err) for r, (err, _) in enumerate(gathered) if err is not None]
     if failed:
         message = "; ".join(f"rank {r} failed in {where}: {err}" for r, err in failed)
-        raise RuntimeError(message) from error
+        raise RankFailure(message) from error
     return [p for _, p in gathered]
 
 
@@ -205,36 +212,6 @@ def _to_comm(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
     return t if t.device == ctx.comm_device else t.to(ctx.comm_device)
 
 
-def ordered_weighted_sum(ctx: DistContext, term: torch.Tensor, weights: Sequence[float],
-                         dst: int | None = None) -> torch.Tensor | None:
-    """``Σ_r weights[r]·term_r`` over the ranks' ``term`` tensors, summed in rank order (fp32 or fp64).
-
-    Every rank computes ``fl(w_0·T_0)``, then adds ``fl(w_r·T_r)`` for r = 1, 2, … in that order, so the bits do not
-    depend on the collective's algorithm. ``dst=None``: the sum on every rank (``all_gather``); else only on rank
-    ``dst`` (``gather``; the others return None). Works in chunks of 16M elements, so the extra memory is
-    ``world × 64 MB`` at most. ``term`` is not modified.
-    """
-    flat = term.reshape(-1)
-    out = torch.empty_like(flat) if dst is None or ctx.rank == dst else None
-    t0 = time.perf_counter()
-    nbytes = 0
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = _to_comm(ctx, flat[start : start + _CHUNK].contiguous())
-        parts = [torch.empty_like(chunk) for _ in range(ctx.world)] if out is not None else None
-        if dst is None:
-            dist.all_gather(parts, chunk, group=ctx.group)
-        else:
-            dist.gather(chunk, parts, dst=dst, group=ctx.group)
-        nbytes += chunk.numel() * chunk.element_size() * ctx.world
-        if out is not None:
-            acc = parts[0] * weights[0]
-            for r in range(1, ctx.world):
-                acc += parts[r] * weights[r]
-            out[start : start + chunk.numel()] = acc.to(out.device)
-    ctx.account("statistics (ordered gather)", time.perf_counter() - t0, nbytes)
-    return out.reshape(term.shape) if out is not None else None
-
-
 def _weighted_reduce(ctx: DistContext, term: torch.Tensor, weight: float, dst: int | None) -> torch.Tensor | None:
     """``Σ_r w_r·term_r`` by one ``all_reduce``/``reduce`` (the backend's summation order)."""
     t0 = time.perf_counter()
@@ -249,56 +226,146 @@ def _weighted_reduce(ctx: DistContext, term: torch.Tensor, weight: float, dst: i
     return buf.to(term.device)
 
 
-class StatisticsReducer:
-    """Combines the ranks' per-group running means in ``finalize_statistics`` (see the module docstring).
+def _beta_combine(state: torch.Tensor, term: torch.Tensor, n_before: int, count: int) -> torch.Tensor:
+    """``S ← S·n/(n+c); S += T``: the running-mean step every statistic here takes (``H *= β; H += XᵀX·α``)."""
+    state *= n_before / (n_before + count)
+    state += term
+    return state
 
-    ``owners``: the rank that prunes each group; a group's statistics are reduced to its owner only (its other
-    ranks drop them) unless ``everywhere`` is asked for (a measuring pass every rank evaluates).
+
+class StatisticsReducer:
+    """Combines the ranks' statistics of one decoder layer (see the module docstring).
+
+    Methods fold each batch through :meth:`fold` and combine in ``finalize_statistics`` with
+    :meth:`running_means`. Two numerics:
+
+    * ``"reference"`` — exactly the one-process fold, bitwise. Rank 0's batches come first in sample order, so it
+      folds them as they come. A later rank cannot fold (it does not have the state after the earlier samples
+      yet): for each batch it keeps the batch's *term*, the statistic's update applied to a zero state with the
+      global running count (for ``H ← β·H + (√α·X)ᵀ(√α·X)`` that is the product, so the expensive matmuls still
+      run in parallel), or, for an update that does not split that way (a fused GPU Hessian kernel), the batch
+      itself. ``running_means`` then chains the ranks: rank r receives the state after every earlier sample from
+      rank r − 1, replays its batches in order (``S *= n/(n+b); S += T``) and passes it on; the last rank's state
+      goes to the group's owner. Costs: each later rank holds its terms until the layer's statistics are
+      combined (n_local · d² fp32 per Hessian), and the replay is serial (elementwise for split terms).
+    * ``"fast"`` — each rank keeps its own running mean ``T_r`` over ``n_r`` samples and one ``reduce`` sums
+      ``(n_r/N)·T_r`` on the owner (``T = Σ_r (n_r/N)·T_r``). Different rounding from one process; judged by the
+      quality contract.
+
+    Args:
+        offset: how many calibration sequences the earlier ranks hold (this rank's first global sample index).
     """
 
-    def __init__(self, ctx: DistContext, owners: Mapping[str, int], numerics: str):
-        self.ctx, self.owners, self.numerics = ctx, dict(owners), numerics
+    def __init__(self, ctx: DistContext, numerics: str, offset: int):
+        self.ctx, self.numerics, self.offset = ctx, numerics, offset
+        self.exact = numerics == "reference"
+        #: group -> the rank that prunes it (set by the pipeline once the groups are known)
+        self.owners: dict[str, int] = {}
+        self._deferred: dict[tuple[str, str], list[Callable[[torch.Tensor], torch.Tensor]]] = {}
 
     def owns(self, group: str) -> bool:
         """Whether this rank prunes ``group``."""
         return self.owners.get(group, 0) == self.ctx.rank
 
-    def totals(self, counts: Mapping[str, int], groups: Iterable[str]) -> dict[str, list[int]]:
+    def fold(self, name: str, group: str, state: torch.Tensor, n_local: int, count: int,
+             update: Callable[[torch.Tensor, int], Any], *, split: bool = True, unit: int = 1,
+             term: Callable[[int], torch.Tensor] | None = None,
+             combine: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None) -> int:
+        """Fold one batch into this rank's statistic ``name`` of ``group``; returns ``n_local + count``.
+
+        Args:
+            state: the statistic, updated in place when this rank may fold now.
+            n_local: units (sequences, or tokens) this rank folded so far; ``count``: the batch's units.
+            update: ``update(target, n_before)`` folds the batch into ``target`` as one process would after
+                ``n_before`` units.
+            split: ``update`` is ``S ← S·n/(n+c) + T`` with T independent of S (T is then ``update`` applied to
+                zeros); otherwise the batch is replayed whole in the chain.
+            unit: units per sequence (1 for per-sequence counts, seqlen for per-token counts).
+            term, combine: a custom split, for an update of another form (DSnoT's token-weighted variance):
+                ``term(n_before)`` the batch's term, ``combine(S, T, n_before, count)`` the new S.
+        """
+        if not self.exact or self.ctx.rank == 0:
+            update(state, n_local)
+            return n_local + count
+        n_before = self.offset * unit + n_local
+        steps = self._deferred.setdefault((name, group), [])
+        if term is not None:
+            t, merge = term(n_before), combine or _beta_combine
+            steps.append(lambda S, t=t, n=n_before, c=count: merge(S, t, n, c))
+        elif split:
+            t = torch.zeros_like(state)
+            update(t, n_before)
+            steps.append(lambda S, t=t, n=n_before, c=count: _beta_combine(S, t, n, c))
+        else:
+            def replay(S: torch.Tensor, n: int = n_before) -> torch.Tensor:
+                update(S, n)
+                return S
+
+            steps.append(replay)
+        return n_local + count
+
+    def _counts(self, counts: Mapping[str, int], groups: list[str]) -> dict[str, list[int]]:
         """Every rank's count per group (one small all-gather): ``{group: [n_0, …, n_{R-1}]}``."""
-        names = sorted(groups)
-        local = torch.tensor([int(counts.get(g, 0)) for g in names], dtype=torch.int64)
+        local = torch.tensor([int(counts.get(g, 0)) for g in groups], dtype=torch.int64, device=self.ctx.comm_device)
         parts = [torch.empty_like(local) for _ in range(self.ctx.world)]
         t0 = time.perf_counter()
-        if self.ctx.backend == "nccl":
-            gathered = [p.to(self.ctx.comm_device) for p in parts]
-            dist.all_gather(gathered, local.to(self.ctx.comm_device), group=self.ctx.group)
-            parts = [p.cpu() for p in gathered]
-        else:
-            dist.all_gather(parts, local, group=self.ctx.group)
+        dist.all_gather(parts, local, group=self.ctx.group)
         self.ctx.account("statistics (counts)", time.perf_counter() - t0)
-        return {g: [int(p[i]) for p in parts] for i, g in enumerate(names)}
+        return {g: [int(p[i]) for p in parts] for i, g in enumerate(groups)}
 
-    def running_means(self, stats: Mapping[str, torch.Tensor], counts: Mapping[str, int], *,
+    def running_means(self, name: str, stats: Mapping[str, torch.Tensor], counts: Mapping[str, int], *,
                       everywhere: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Combine each group's running mean ``stats[g]`` over ``counts[g]`` local samples into the mean over all
-        ranks' samples, ``Σ_r (n_r/N)·T_r``; returns ``(means, totals)`` holding the groups this rank owns (all of
-        them with ``everywhere``). Every rank must hold every group (the pipeline checks the group names agree)."""
+        """Combine statistic ``name`` of every group over all ranks' samples; returns ``(values, totals)`` for
+        the groups this rank owns (all of them with ``everywhere``: a measuring pass every rank evaluates).
+        ``counts`` are this rank's units per group, as :meth:`fold` returned them."""
         groups = sorted(stats)
-        per_rank = self.totals(counts, groups)
-        means: dict[str, torch.Tensor] = {}
+        if not groups:  # no statistics this layer (the same on every rank: the groups were checked to agree)
+            return {}, {}
+        per_rank = self._counts(counts, groups)
+        values: dict[str, torch.Tensor] = {}
         totals: dict[str, int] = {}
         for g in groups:
             n = per_rank[g]
-            total = sum(n)
-            weights = [c / total if total else 0.0 for c in n]
             dst = None if everywhere else self.owners.get(g, 0)
-            if self.numerics == "reference":
-                combined = ordered_weighted_sum(self.ctx, stats[g], weights, dst)
+            if self.exact:
+                combined = self._chain(name, g, stats[g], dst)
             else:
-                combined = _weighted_reduce(self.ctx, stats[g], weights[self.ctx.rank], dst)
+                total = sum(n)
+                combined = _weighted_reduce(self.ctx, stats[g], n[self.ctx.rank] / total if total else 0.0, dst)
             if combined is not None:
-                means[g], totals[g] = combined, total
-        return means, totals
+                values[g], totals[g] = combined, sum(n)
+        return values, totals
+
+    def _chain(self, name: str, group: str, state: torch.Tensor, dst: int | None) -> torch.Tensor | None:
+        """The ordered fold: rank r gets the state from r − 1, replays its batches, passes it on (see above)."""
+        ctx, rank, last = self.ctx, self.ctx.rank, self.ctx.world - 1
+        t0 = time.perf_counter()
+        nbytes = state.numel() * state.element_size()
+        S = state
+        for r in range(1, ctx.world):
+            if rank == r - 1:
+                dist.send(_to_comm(ctx, S.contiguous()), dst=r, group=ctx.group)
+            elif rank == r:
+                buf = torch.empty(state.shape, dtype=state.dtype, device=ctx.comm_device)
+                dist.recv(buf, src=r - 1, group=ctx.group)
+                S = buf.to(state.device)
+                for step in self._deferred.pop((name, group), []):
+                    S = step(S)
+        if dst is None:
+            buf = _to_comm(ctx, S.contiguous()) if rank == last else torch.empty(state.shape, dtype=state.dtype,
+                                                                                 device=ctx.comm_device)
+            dist.broadcast(buf, src=last, group=ctx.group)
+            ctx.account("statistics (ordered fold)", time.perf_counter() - t0, nbytes * ctx.world)
+            return buf.to(state.device)
+        if dst != last:
+            if rank == last:
+                dist.send(_to_comm(ctx, S.contiguous()), dst=dst, group=ctx.group)
+            elif rank == dst:
+                buf = torch.empty(state.shape, dtype=state.dtype, device=ctx.comm_device)
+                dist.recv(buf, src=last, group=ctx.group)
+                S = buf.to(state.device)
+        ctx.account("statistics (ordered fold)", time.perf_counter() - t0, nbytes * ctx.world)
+        return S if rank == dst else None
 
 
 def broadcast_tensors(ctx: DistContext, tensors: Sequence[tuple[torch.Tensor, int]], kind: str) -> None:

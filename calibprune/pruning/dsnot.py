@@ -68,19 +68,37 @@ class _Stats:
         self.nsamples = 0
         self.ntokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reducer=None, group: str = "") -> None:
         x3 = x if x.dim() == 3 else x.unsqueeze(0)
         batch = x3.shape[0]
         inp = x3.reshape(-1, x3.shape[-1]).t().type(torch.float32)  # [d, tokens]
         tokens = inp.shape[1]
         var = torch.var(inp, dim=1, unbiased=False)
-        self.var = var if self.ntokens == 0 else (self.var * self.ntokens + var * tokens) / (self.ntokens + tokens)
-        self.ntokens += tokens
-        n = self.nsamples
-        self.mean_sum *= n / (n + batch)
-        wanda_scaler_update(self.scaler, x3, n)
-        self.nsamples = n + batch
-        self.mean_sum += torch.sum(inp, dim=1) / self.nsamples
+        if reducer is None:
+            self.var = var if self.ntokens == 0 else (self.var * self.ntokens + var * tokens) / (self.ntokens + tokens)
+            self.ntokens += tokens
+            n = self.nsamples
+            self.mean_sum *= n / (n + batch)
+            wanda_scaler_update(self.scaler, x3, n)
+            self.nsamples = n + batch
+            self.mean_sum += torch.sum(inp, dim=1) / self.nsamples
+            return
+        # In a process group (calibprune.pruning.distributed): the same three folds, through the reducer.
+        def mean_update(S: torch.Tensor, n: int) -> None:
+            S *= n / (n + batch)
+            S += torch.sum(inp, dim=1) / (n + batch)
+
+        self.ntokens = reducer.fold("var", group, self.var, self.ntokens, tokens,
+                                    lambda S, n: _var_combine(S, var, n, tokens), term=lambda n: var,
+                                    combine=_var_combine, unit=x3.shape[1])
+        reducer.fold("mean", group, self.mean_sum, self.nsamples, batch, mean_update)
+        self.nsamples = reducer.fold("scaler", group, self.scaler, self.nsamples, batch,
+                                     lambda S, n: wanda_scaler_update(S, x3, n))
+
+
+def _var_combine(S: torch.Tensor, var: torch.Tensor, ntokens: int, tokens: int) -> torch.Tensor:
+    """The token-weighted running variance step of :meth:`_Stats.add`, in place on ``S``."""
+    return S.copy_(var if ntokens == 0 else (S * ntokens + var * tokens) / (ntokens + tokens))
 
 
 def _pointer_take(order: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
@@ -175,19 +193,19 @@ class DSnoT(MaskRefiner):
         if group not in self.stats:
             self.stats[group] = _Stats(x.shape[-1], x.device)
         with self.timed("dsnot statistics"):
-            self.stats[group].add(x)
+            self.stats[group].add(x, self.reducer, group)
 
     def finalize_statistics(self, index: int) -> None:
         # In a process group: each statistic is a running mean (‖X‖² and μ over sequences, the variance over
-        # tokens), combined as Σ_r (n_r/N)·T_r on the rank that refines the group.
+        # tokens), combined on the rank that refines the group (see StatisticsReducer).
         if self.reducer is None:
             return
         stats, reducer = self.stats, self.reducer
         samples = {g: s.nsamples for g, s in stats.items()}
         tokens = {g: s.ntokens for g, s in stats.items()}
-        scaler, nsamples = reducer.running_means({g: s.scaler for g, s in stats.items()}, samples)
-        mean, _ = reducer.running_means({g: s.mean_sum for g, s in stats.items()}, samples)
-        var, ntokens = reducer.running_means({g: s.var for g, s in stats.items()}, tokens)
+        scaler, nsamples = reducer.running_means("scaler", {g: s.scaler for g, s in stats.items()}, samples)
+        mean, _ = reducer.running_means("mean", {g: s.mean_sum for g, s in stats.items()}, samples)
+        var, ntokens = reducer.running_means("var", {g: s.var for g, s in stats.items()}, tokens)
         self.stats = {}
         for g in scaler:
             s = _Stats.__new__(_Stats)

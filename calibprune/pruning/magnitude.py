@@ -50,14 +50,19 @@ class MagnitudeMethod(PruningMethod):
         if group not in self.H:
             self.H[group] = torch.zeros((x.shape[-1],) * 2, dtype=torch.float32, device=x.device)
             self.nsamples[group] = 0
+        backend = self.resolved_backends["hessian_update"]
         with self.timed("hessian"):
-            self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group],
-                                                  backend=self.resolved_backends["hessian_update"])
+            if self.reducer is None:
+                self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group], backend=backend)
+            else:  # in a process group (calibprune.pruning.distributed)
+                self.nsamples[group] = self.reducer.fold(
+                    "H", group, self.H[group], self.nsamples[group], 1 if x.dim() == 2 else x.shape[0],
+                    lambda H, n: hessian_update(H, x, n, backend=backend), split=backend == "torch")
 
     def finalize_statistics(self, index: int) -> None:
-        # In a process group: the report's Hessian, Σ_r (n_r/N)·H_r on the rank that prunes the group.
+        # In a process group: the report's Hessian, combined on the rank that prunes the group.
         if self.reducer is not None:
-            self.H, self.nsamples = self.reducer.running_means(self.H, self.nsamples)
+            self.H, self.nsamples = self.reducer.running_means("H", self.H, self.nsamples)
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data

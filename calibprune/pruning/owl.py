@@ -83,12 +83,18 @@ class _OutlierRatios(PruningMethod):
         if group not in self.scaler:
             self.scaler[group] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
             self.nsamples[group] = 0
-        self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, self.nsamples[group])
+        if self.reducer is None:
+            self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, self.nsamples[group])
+        else:  # in a process group (calibprune.pruning.distributed)
+            self.nsamples[group] = self.reducer.fold("scaler", group, self.scaler[group], self.nsamples[group],
+                                                     1 if x.dim() == 2 else x.shape[0],
+                                                     lambda s, n: wanda_scaler_update(s, x, n))
 
     def finalize_statistics(self, index: int) -> None:
-        # In a process group: Σ_r (n_r/N)·scaler_r, on every rank.
+        # In a process group: the scaler over all ranks' samples, on every rank.
         if self.reducer is not None:
-            self.scaler, self.nsamples = self.reducer.running_means(self.scaler, self.nsamples, everywhere=True)
+            self.scaler, self.nsamples = self.reducer.running_means("scaler", self.scaler, self.nsamples,
+                                                                    everywhere=True)
 
     def _score(self, module: nn.Linear, group: str) -> torch.Tensor:
         return torch.abs(module.weight.data.float()) * torch.sqrt(self.scaler[group].reshape(1, -1))

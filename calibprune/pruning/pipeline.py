@@ -341,6 +341,7 @@ class _Layerwise:
         self.weight_parallel = self.ctx is not None and getattr(method, "distribute_modules", True)
         self.seqlen = ids.shape[1] if ids is not None else 0
         self.kwargs: list[dict] = []
+        self.offset = 0  # global index of this rank's first calibration sequence
         self.phases = dict.fromkeys(("capture", "statistics", "prune", "propagate"), 0.0)
         if self.ctx is not None:
             _check_distributable(self.consumers, ids)
@@ -357,6 +358,7 @@ class _Layerwise:
             raise ValueError(f"{n_batches} calibration batch(es) cannot be shared by {self.ctx.world} ranks: give "
                              f"at least {self.ctx.world * bs} sequences (or fewer ranks / a smaller batch_size)")
         mine = shard_range(n_batches, self.ctx.world, self.ctx.rank)
+        self.offset = mine.start * bs
         return ids[mine.start * bs : min(mine.stop * bs, ids.shape[0])]
 
     def capture(self, store: ActivationStore) -> None:
@@ -374,6 +376,9 @@ class _Layerwise:
     def statistics(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear],
                    store: ActivationStore) -> dict[str, str]:
         """Run the local batches through ``layer`` feeding the statistics; returns the input groups."""
+        if self.ctx is not None:  # one reducer per consumer: each keeps its own deferred batches
+            for consumer in self.consumers:
+                consumer.reducer = StatisticsReducer(self.ctx, self.config.numerics, self.offset)
         for consumer in self.consumers:
             consumer.start_layer(index, modules, self.device)
         leader_of = {name: name for name in modules}
@@ -407,9 +412,8 @@ class _Layerwise:
         if ctx is not None:
             groups = _group_costs(modules, leader_of)
             owners = assign_owners(groups, ctx.world) if self.weight_parallel else dict.fromkeys(groups, rank)
-            reducer = StatisticsReducer(ctx, owners, config.numerics)
             for consumer in self.consumers:
-                consumer.reducer = reducer
+                consumer.reducer.owners = owners
         for consumer in self.consumers:
             consumer.finalize_statistics(index)
         records: dict[str, ModuleRecord] = {}

@@ -130,18 +130,25 @@ class SparseGPTMethod(PruningMethod):
             self.H[group] = torch.zeros((d, d), dtype=torch.float32, device=x.device)
             self.nsamples[group] = 0
         with self.timed("hessian"):
-            if self.reference:
-                self.nsamples[group] = hessian_update_reference(self.H[group], x, self.nsamples[group])
-            else:
-                self.nsamples[group] = hessian_update(self.H[group], x, self.nsamples[group],
-                                                      backend=self.resolved_backends["hessian_update"],
-                                                      numerics=self.config.numerics)
+            if self.reducer is None:
+                self.nsamples[group] = self._update(self.H[group], x, self.nsamples[group])
+            else:  # in a process group (calibprune.pruning.distributed): exactly one process's fold, or partial sums
+                torch_backend = self.reference or self.resolved_backends["hessian_update"] == "torch"
+                self.nsamples[group] = self.reducer.fold(
+                    "H", group, self.H[group], self.nsamples[group], 1 if x.dim() == 2 else x.shape[0],
+                    lambda H, n: self._update(H, x, n), split=torch_backend)
+
+    def _update(self, H: torch.Tensor, x: torch.Tensor, nsamples: int) -> int:
+        if self.reference:
+            return hessian_update_reference(H, x, nsamples)
+        return hessian_update(H, x, nsamples, backend=self.resolved_backends["hessian_update"],
+                              numerics=self.config.numerics)
 
     def finalize_statistics(self, index: int) -> None:
-        # In a process group each rank holds H_r = (2/n_r)·Σ XᵀX over its shard; H = Σ_r (n_r/N)·H_r, reduced to
-        # the rank that prunes the group (fast numerics: the upper triangles are summed, then mirrored once).
+        # In a process group: H on the rank that prunes the group, either the one-process fold replayed in sample
+        # order (reference numerics) or Σ_r (n_r/N)·H_r (fast: upper triangles summed, then mirrored once).
         if self.reducer is not None:
-            self.H, self.nsamples = self.reducer.running_means(self.H, self.nsamples)
+            self.H, self.nsamples = self.reducer.running_means("H", self.H, self.nsamples)
         if not self.reference:
             for H in self.H.values():
                 hessian_finalize(H, numerics=self.config.numerics)

@@ -91,20 +91,30 @@ class WandaMethod(PruningMethod):
             if self.config.report_errors:
                 self.H[group] = torch.zeros((d, d), dtype=torch.float32, device=x.device)
         n = self.nsamples[group]
+        reducer, batch = self.reducer, 1 if x.dim() == 2 else x.shape[0]
         with self.timed("scaler"):
-            self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, n)
+            if reducer is None:
+                self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, n)
+            else:  # in a process group (calibprune.pruning.distributed)
+                self.nsamples[group] = reducer.fold("scaler", group, self.scaler[group], n, batch,
+                                                    lambda s, m: wanda_scaler_update(s, x, m))
         if self.config.report_errors:
+            backend = self.resolved_backends["hessian_update"]
             with self.timed("hessian"):
-                hessian_update(self.H[group], x, n, backend=self.resolved_backends["hessian_update"])
+                if reducer is None:
+                    hessian_update(self.H[group], x, n, backend=backend)
+                else:
+                    reducer.fold("H", group, self.H[group], n, batch,
+                                 lambda H, m: hessian_update(H, x, m, backend=backend), split=backend == "torch")
 
     def finalize_statistics(self, index: int) -> None:
-        # In a process group: the scaler (a running mean over sequences) and the report's Hessian are combined as
-        # Σ_r (n_r/N)·T_r on the rank that prunes the group.
+        # In a process group: the scaler and the report's Hessian (running means over sequences), combined on the
+        # rank that prunes the group (see StatisticsReducer).
         if self.reducer is not None:
             counts = dict(self.nsamples)
-            self.scaler, self.nsamples = self.reducer.running_means(self.scaler, counts)
+            self.scaler, self.nsamples = self.reducer.running_means("scaler", self.scaler, counts)
             if self.H:
-                self.H, _ = self.reducer.running_means(self.H, counts)
+                self.H, _ = self.reducer.running_means("H", self.H, counts)
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data

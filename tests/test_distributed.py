@@ -1,0 +1,222 @@
+"""Pruning in a process group (gloo on loopback, two processes): same result as one process, errors reach every
+rank, the helpers deal work and shards as documented, and every prune flag survives torchrun's own parser."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+from tiny_models import random_ids, tiny_model
+
+from calibprune import make_config, prune
+from calibprune.pruning import find_decoder_layers, select_targets
+from calibprune.pruning.distributed import assign_owners, shard_range
+
+WORLD = 2
+# name -> (arch, method, config options); the calibration is 8 sequences of 24 tokens, one per batch.
+SCENARIOS = {
+    "sparsegpt-reference": ("llama", "sparsegpt", dict(sparsity=0.6)),
+    "sparsegpt-fast": ("llama", "sparsegpt", dict(sparsity=0.6, numerics="fast")),
+    "sparsegpt-faithful-2:4": ("opt", "sparsegpt-reference", dict(pattern="2:4", blocksize=16)),
+    "wanda-owl-dsnot": ("qwen2", "wanda", dict(sparsity=0.5, sparsity_profile="owl",
+                                               profile_options={"lmbda": 0.05}, refine="dsnot",
+                                               refine_options={"skip": ()})),
+}
+
+
+def _ids() -> torch.Tensor:
+    return random_ids(8, 24, seed=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    """One rank: every scenario, then a failure injected on rank 1 in layer 1's prune."""
+    import torch.distributed as dist
+
+    from calibprune.pruning.sparsegpt import SparseGPTMethod
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))
+    results: dict = {}
+    try:
+        for name, (arch, method, options) in SCENARIOS.items():
+            model = tiny_model(arch)
+            report = prune(model, _ids(), make_config(method, **options), progress=False)
+            results[name] = {"weights": model.state_dict(), "report": report.to_dict()}
+        original = SparseGPTMethod.prune_module
+
+        def failing(self, index, name, module, group, sparsity):
+            if rank == 1 and index == 1:
+                raise ValueError("injected failure")
+            return original(self, index, name, module, group, sparsity)
+
+        SparseGPTMethod.prune_module = failing
+        try:
+            prune(tiny_model("llama"), _ids(), make_config("sparsegpt", sparsity=0.6), progress=False)
+            results["failure"] = None
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            results["failure"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            SparseGPTMethod.prune_module = original
+    except Exception:  # noqa: BLE001
+        results["crash"] = traceback.format_exc()
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Run every scenario in a 2-process gloo group once for the module."""
+    import torch.multiprocessing as mp
+
+    folder = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
+    results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
+    return results
+
+
+def _one_process(name: str):
+    arch, method, options = SCENARIOS[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: matmul blocking, and so rounding, may follow the thread count
+    try:
+        model = tiny_model(arch)
+        report = prune(model, _ids(), make_config(method, **options), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model, report
+
+
+def _targets(state: dict, model) -> list[str]:
+    prefix, layers = find_decoder_layers(model)
+    return [f"{prefix}.{i}.{n}.weight" for i, layer in enumerate(layers) for n in select_targets(layer)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process(two_ranks, name):
+    """Mask agreement >= 99.99% and total reconstruction error within 0.1% of one process, and bitwise the same
+    weights with reference numerics; both ranks hold the same pruned model and the same report."""
+    model, report = _one_process(name)
+    expected = model.state_dict()
+    got = [r[name]["weights"] for r in two_ranks]
+    targets = _targets(expected, model)
+    agree = total = 0
+    for key in expected:
+        assert torch.equal(got[0][key], got[1][key]), f"{name}: ranks differ on {key}"
+        if key in targets:
+            agree += int(((got[0][key] == 0) == (expected[key] == 0)).sum())
+            total += expected[key].numel()
+        else:
+            assert torch.equal(got[0][key], expected[key]), f"{name}: {key} is not a target but changed"
+    assert agree / total >= 0.9999, f"{name}: mask agreement {agree / total:.6%} < 99.99%"
+    if make_config(SCENARIOS[name][1], **SCENARIOS[name][2]).numerics == "reference":
+        # the ordered fold reproduces the one-process statistics exactly: every weight is bitwise the same
+        for key in targets:
+            assert torch.equal(got[0][key], expected[key]), f"{name}: {key} is not bitwise the one-process weight"
+    rep = two_ranks[0][name]["report"]
+    assert rep["modules"] == two_ranks[1][name]["report"]["modules"], f"{name}: the ranks' reports differ"
+    assert [(m["layer"], m["name"]) for m in rep["modules"]] == [(m.layer, m.name) for m in report.modules]
+    assert rep["distributed"]["world_size"] == WORLD
+    errors = [m.recon_error for m in report.modules]
+    if all(e is not None for e in errors):
+        one, two = sum(errors), sum(m["recon_error"] for m in rep["modules"])
+        assert abs(two - one) <= 1e-3 * one, f"{name}: reconstruction error {two:.6g} vs {one:.6g}"
+    assert rep["layer_targets"] == pytest.approx(report.layer_targets, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_one_rank_failure_stops_every_rank(two_ranks):
+    """A failure on rank 1 in layer 1's prune raises the same clear error on both ranks (no hang)."""
+    for r, res in enumerate(two_ranks):
+        assert res["failure"] is not None, f"rank {r} did not fail"
+        assert res["failure"].startswith("RankFailure: rank 1 failed in layer 1 prune: ValueError: injected failure"), \
+            (r, res["failure"])
+
+
+@pytest.mark.slow
+def test_ranks_split_the_work(two_ranks):
+    """Both ranks pruned matrices (the solves were dealt out) and both sent and received weights."""
+    ranks = two_ranks[0]["sparsegpt-reference"]["report"]["distributed"]["ranks"]
+    assert len(ranks) == WORLD
+    for r, info in enumerate(ranks):
+        assert info["phase_seconds"]["prune"] > 0
+        assert info["collectives"]["weights (broadcast)"]["calls"] >= 2, r
+        assert info["collectives"]["statistics (ordered fold)"]["mb"] > 0, r
+
+
+@pytest.mark.parametrize("count,world", [(8, 2), (7, 2), (5, 3), (3, 3), (1, 1), (10, 4)],
+                         ids=lambda v: str(v))
+def test_shard_range_is_contiguous_in_order(count, world):
+    shards = [shard_range(count, world, r) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(count))
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_assign_owners_deals_the_largest_first():
+    # A 14336-wide down_proj costs more than everything else: it gets a rank of its own.
+    costs = {"mlp.down_proj": 14336.0**3 + 4096 * 14336.0**2, "self_attn.q_proj": 3 * 4096.0**3,
+             "self_attn.o_proj": 2 * 4096.0**3, "mlp.gate_proj": 4096.0**3 + 2 * 14336 * 4096.0**2}
+    owners = assign_owners(costs, 2)
+    assert owners["mlp.down_proj"] != owners["mlp.gate_proj"] == owners["self_attn.q_proj"] == \
+        owners["self_attn.o_proj"]
+    assert assign_owners(costs, 2) == owners  # deterministic
+    assert set(assign_owners(costs, 8).values()) == {0, 1, 2, 3}
+    assert assign_owners({"a": 1.0, "b": 1.0}, 2) == {"a": 0, "b": 1}
+
+
+def test_prune_flags_survive_torchrun_parser():
+    """torchrun parses its own options with abbreviations allowed, over the whole command line: a prune flag that
+    is an ambiguous prefix of a torchrun option (``--n``) kills the launch. Every other flag must pass."""
+    from torch.distributed.run import get_args_parser
+
+    from calibprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    flags = sorted({s for a in sub.choices["prune"]._actions for s in a.option_strings if s.startswith("--")})
+    runner = get_args_parser()
+    bad = []
+    for flag in flags:
+        if flag in ("--n", "--help"):
+            continue
+        argv = ["--nproc-per-node", "2", "-m", "calibprune", "prune", flag, "1"]
+        try:
+            parsed = runner.parse_args(argv)
+        except SystemExit:
+            bad.append(flag)
+            continue
+        assert parsed.training_script_args == ["prune", flag, "1"], flag
+    assert not bad, f"torchrun rejects {bad}"
+    documented = ("--nproc-per-node 2 -m calibprune prune --model smollm2-135m --calib c4 --num-samples 8 --seqlen 128 "
+                  "--sparsity 0.6 --out DIR").split()
+    assert runner.parse_args(documented).training_script_args[0] == "prune"
+
+
+def test_methods_without_a_reduction_are_refused():
+    """A method whose statistics are not combined across ranks cannot silently prune from one shard."""
+    from calibprune.pruning.method import LayerStatistics
+    from calibprune.pruning.pipeline import _check_distributable
+
+    class Local(LayerStatistics):
+        pass
+
+    with pytest.raises(ValueError, match="does not combine its statistics across ranks"):
+        _check_distributable([Local()], torch.zeros(2, 3, dtype=torch.long))
+    _check_distributable([Local()], None)  # no data, nothing to combine
+
+
+def test_one_process_runs_no_collective():
+    """Without a process group nothing of the distributed path runs: no 'distributed' entry in the report."""
+    report = prune(tiny_model("llama"), _ids(), make_config("sparsegpt", sparsity=0.5), progress=False)
+    assert report.distributed is None

@@ -220,3 +220,55 @@ def test_one_process_runs_no_collective():
     """Without a process group nothing of the distributed path runs: no 'distributed' entry in the report."""
     report = prune(tiny_model("llama"), _ids(), make_config("sparsegpt", sparsity=0.5), progress=False)
     assert report.distributed is None
+
+
+@pytest.mark.slow
+def test_torchrun_cli_writes_the_one_process_checkpoint(tmp_path):
+    """``torchrun --nproc-per-node 2 -m calibprune prune ... --num-samples 8`` as documented (gloo on CPU): rank 0
+    alone writes the output, and it is bitwise the checkpoint of the same command in one process with the same
+    threads per process."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from calibprune.cli import main
+
+    model = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(model)
+    vocab = {f"w{i}": i for i in range(94)} | {"<unk>": 94, "</s>": 95}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(model)
+    data = tmp_path / "data" / "c4_sample"
+    data.mkdir(parents=True)
+    (data / "c4_demo.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(f"w{(i * 7 + j * 3) % 90}" for j in range(80))}) + "\n" for i in range(40)))
+    args = ["prune", "--model", str(model), "--calib", "c4", "--num-samples", "8", "--seqlen", "16",
+            "--sparsity", "0.6", "--no-eval", "--data-dir", str(tmp_path / "data")]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "calibprune", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved to") == 1, run.stdout  # rank 0 alone reports
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchrun runs each rank with OMP_NUM_THREADS=1; MKL's Cholesky rounds by thread count
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    sidecar = json.loads((tmp_path / "two" / "calibprune.json").read_text())
+    assert sidecar["report"]["distributed"]["world_size"] == 2
+
+    def tensors(folder):
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            out |= load_file(file)
+        return out
+
+    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []

@@ -20,7 +20,8 @@ from .registry import CONFIGS, PROFILES, REFINERS, make_config
 __all__ = ["add_prune_options", "config_from_args"]
 
 # Fields a recipe cannot express; with --recipe they may still be given on the command line.
-_RUNTIME = {"numerics", "batch_size", "device", "offload_activations", "report_errors", "backend", "refine"}
+_RUNTIME = {"numerics", "batch_size", "device", "offload_activations", "activations", "report_errors", "backend",
+            "refine", "resume"}
 # Prefixes of the argparse destinations, so that the three kinds of option never collide.
 _CFG, _PROFILE, _REFINE = "cfg__", "profile__", "refine__"
 

@@ -169,6 +169,11 @@ def _quotas(n: int, dimensions: list[str], include_bos: bool, bos_share: float |
     return {**_equal_split(n - bos, dimensions), BOS_GROUP: bos}
 
 
+def _check_prompt(text: str, body: Sequence[int], seqlen: int) -> None:
+    if len(body) >= seqlen:
+        raise ValueError(f"seed prompt {text!r} has {len(body)} tokens, no room in seqlen={seqlen}")
+
+
 class _GroupPool:
     """The generated samples of one group, extended chunk by chunk (each chunk cached on its own)."""
 
@@ -196,6 +201,8 @@ class _GroupPool:
             idx = range(c * self.batch_size, (c + 1) * self.batch_size)
             prompts = [self.prompts[j % len(self.prompts)] for j in idx]
             texts = [self.texts[j % len(self.texts)] for j in idx]
+            for text, p in zip(texts, prompts):
+                _check_prompt(text, p[1:].tolist(), self.seqlen)  # p = [start] + body
             key = pool_key(self.identity, {"kind": "igsp-chunk", "pool_format": POOL_FORMAT, "group": self.group,
                                            "chunk": c, **self.settings})
             path = pool_path(self.cache_dir, "igsp", key) if self.cache else None
@@ -293,10 +300,11 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
     groups = list(quotas)
     seed_ids = {d: [tokenizer([p], add_special_tokens=False)["input_ids"][0] for p in prompts_by_dim[d]]
                 for d in dimensions}
-    for d in dimensions:
-        for text, body in zip(prompts_by_dim[d], seed_ids[d]):
-            if len(body) >= seqlen:
-                raise ValueError(f"seed prompt {text!r} has {len(body)} tokens, no room in seqlen={seqlen}")
+    first_size = {g: (max(math.ceil(pool_factor * q), q) if q else 0) for g, q in quotas.items()}
+    for d in dimensions:  # the prompts the first pool uses (round-robin over whole chunks); top-ups check theirs
+        used = min(len(seed_ids[d]), math.ceil(first_size[d] / batch_size) * batch_size)
+        for text, body in zip(prompts_by_dim[d][:used], seed_ids[d][:used]):
+            _check_prompt(text, body, seqlen)
     identity = model_identity(model)
     t0 = time.perf_counter()
     pools: dict[str, _GroupPool] = {}
@@ -317,7 +325,6 @@ def igsp(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: int = 
     sample_agg: dict[str, list[float]] = {}
     topped_up: dict[str, int] = {}
     relaxed: dict[str, dict[str, float]] = {}
-    first_size = {g: (max(math.ceil(pool_factor * q), q) if q else 0) for g, q in quotas.items()}
     for g, q in quotas.items():
         if q == 0:
             survivors[g], sample_agg[g] = [], []

@@ -119,3 +119,16 @@ def test_evaluate_items_records_and_cache(tiny_lm, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="cached"):  # other items are another cache entry
         evaluate_items(model, tok, benchmarks=["piqa"], overrides={"piqa": {"test": 4}}, data_dir=DATA_DIR,
                        cache_dir=tmp_path, progress=False)
+
+
+@needs_data
+def test_evaluate_study_suite_summary(tiny_lm):
+    from calibprune.evaluation import evaluate, retention
+
+    model, tok = tiny_lm
+    res = evaluate(model, tok, "study", benchmarks=["piqa", "gsm8k_nll"], data_dir=DATA_DIR,
+                   overrides={"piqa": TINY["piqa"], "gsm8k_nll": TINY["gsm8k_nll"]})
+    assert res["benchmarks"]["piqa"]["metric"] == "acc" and res["benchmarks"]["piqa"]["n"] == 3
+    assert res["benchmarks"]["gsm8k_nll"]["metric"] == "nll" and not res["benchmarks"]["gsm8k_nll"]["higher_is_better"]
+    assert res["benchmarks"]["gsm8k_nll"]["value"] == pytest.approx(res["benchmarks"]["gsm8k_nll"]["scores"]["nll"])
+    assert retention(res, res)["dimensions"]["math"] == pytest.approx(1.0)  # piqa may be 0/0 for a random model

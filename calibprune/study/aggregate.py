@@ -4,7 +4,8 @@ Pure functions of the committed ``runs/`` files (no model), so a report can be r
 are in :mod:`.statistics`; this module decides *what* is compared:
 
 - per entry, pruner and sparsity: every dimension's (and the total's) retention as mean over seeds, ``sd`` over
-  seeds and the item-sampling standard error ``se`` of that mean (points = 100 × these);
+  seeds and the item-sampling standard error ``se`` of that mean, all in percentage points (``"unit":
+  "points"``; differences and their intervals too);
 - the differences the paper reports (mix − best single, mix − C4, best single − C4, IGSP − Self-Cal,
   IGSP − SGS, Self-Cal − SGS) and IGSP − each IGSP variant (the ablations), with 95% intervals;
 - Spearman ρ of every OIT metric against every target over the single sources, with bootstrap intervals;
@@ -45,6 +46,21 @@ METRICS: tuple[str, ...] = ("perplexity", "ngram_aggregation", "top10_mass", "ng
 
 def skey(s: float) -> str:
     return f"{s:g}"
+
+
+_POINT_KEYS = ("mean", "sd", "se", "estimate", "lo", "hi", "se_seed", "se_item")
+
+
+def _points(summary: dict[str, Any]) -> dict[str, Any]:
+    """A seed summary or an interval with its retention-valued fields in percentage points (× 100)."""
+    out = dict(summary)
+    for k in _POINT_KEYS:
+        if isinstance(out.get(k), float):
+            out[k] = 100 * out[k]
+    if "values" in out:
+        out["values"] = [100 * v for v in out["values"]]
+    out["unit"] = "points"
+    return out
 
 
 def _suite(spec: Mapping[str, Any]):
@@ -182,11 +198,12 @@ def _section(study, spec, dense, group, pruner: str, s: float) -> None:
     for entry, rids in by_entry.items():
         rec = {"seeds": [group[r]["seed"] for r in rids],
                "achieved_sparsity": float(np.mean([group[r]["achieved_sparsity"] for r in rids])),
-               "dimensions": {t: seed_summary(rep, rids, t) for t in TARGETS
+               "dimensions": {t: _points(seed_summary(rep, rids, t)) for t in TARGETS
                               if t != "total" and t in rep.point[rids[0]]},
-               "total": seed_summary(rep, rids, "total"),
-               "benchmarks": {b: seed_summary(rep, rids, b) for b in suite},
-               "secondary": _secondary(spec, dense, [group[r] for r in rids]),
+               "total": _points(seed_summary(rep, rids, "total")),
+               "benchmarks": {b: _points(seed_summary(rep, rids, b)) for b in suite},
+               "secondary": {b: {k: 100 * v for k, v in sc.items()}
+                             for b, sc in _secondary(spec, dense, [group[r] for r in rids]).items()},
                "timings": {k: float(np.mean([group[r]["timings"].get(k, 0.0) for r in rids]))
                            for k in ("build_s", "metrics_s", "prune_s", "eval_s", "total_s")}}
         study["entries"][entry]["runs"].setdefault(pruner, {})[key] = rec
@@ -197,9 +214,9 @@ def _section(study, spec, dense, group, pruner: str, s: float) -> None:
               for t in targets if t in rep.point[next(iter(group))]}
     diffs = {}
     for label, a, b in _pairs(by_entry, spec, best):
-        diffs[label] = {"a": a, "b": b, "total": diff_interval(rep, by_entry[a], by_entry[b], "total",
-                                                                pooled=pooled["total"]),
-                        "dimensions": {d: diff_interval(rep, by_entry[a], by_entry[b], d, pooled=pooled[d])
+        diffs[label] = {"a": a, "b": b, "total": _points(diff_interval(rep, by_entry[a], by_entry[b], "total",
+                                                                        pooled=pooled["total"])),
+                        "dimensions": {d: _points(diff_interval(rep, by_entry[a], by_entry[b], d, pooled=pooled[d]))
                                        for d in TARGETS if d != "total" and d in pooled}}
     study["differences"].setdefault(pruner, {})[key] = {"best_single": best, "pairs": diffs}
     # Spearman over single sources: x = seed-mean metric, y = seed-mean retention (+ its item replicates)
@@ -256,7 +273,7 @@ def _verdicts(study: dict[str, Any], spec: Mapping[str, Any]) -> None:
                     study["verdicts"][claim + tag] = {
                         "verdict": verdict(t["lo"], t["hi"], sign),
                         "quantity": f"total retention, {d['a']} − {d['b']} (points)",
-                        "estimate": 100 * t["estimate"], "lo": 100 * t["lo"], "hi": 100 * t["hi"],
+                        "estimate": t["estimate"], "lo": t["lo"], "hi": t["hi"],
                         "paper": paper, "n_seeds": t["n_seeds"], "pruner": pruner, "sparsity": s}
 
 

@@ -33,19 +33,24 @@ def _num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _pts(x: Any, digits: int = 1) -> str:
+    """A value already in percentage points."""
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
 def _cell(summary: Mapping[str, Any] | None) -> str:
-    """``mean ± sd [se]`` in points; ``sd`` only with >= 2 seeds."""
+    """``mean ± sd [se]`` (points); ``sd`` only with >= 2 seeds."""
     if not summary:
         return "–"
-    out = _pct(summary["mean"])
+    out = _pts(summary["mean"])
     if summary.get("sd") is not None:
-        out += f" ± {_pct(summary['sd'])}"
+        out += f" ± {_pts(summary['sd'])}"
     if summary.get("se") is not None:
-        out += f" [{_pct(summary['se'])}]"
+        out += f" [{_pts(summary['se'])}]"
     return out
 
 
-def _interval(d: Mapping[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+def _interval(d: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
     if not d:
         return "–"
     return (f"{scale * d['estimate']:+.{digits}f} ({scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f})")
@@ -123,7 +128,7 @@ def _section(study: Mapping[str, Any], pruner: str, key: str) -> list[str]:
                      f"{_num(m.get('ngram_aggregation'))} |")
     ses = {t: max((runs[e]["dimensions"].get(t, {}).get("se") or 0.0) for e in runs) for t in DIMENSIONS}
     lines += ["", "Largest item-sampling SE of a dimension's retention over these entries: "
-              + ", ".join(f"{d} {_pct(v)}" for d, v in ses.items()) + " points.", ""]
+              + ", ".join(f"{d} {_pts(v)}" for d, v in ses.items()) + " points.", ""]
     diffs = study["differences"].get(pruner, {}).get(key, {})
     if diffs.get("pairs"):
         lines += [f"### Differences (points, 95% interval); best single = {diffs.get('best_single')}", "",
@@ -156,14 +161,14 @@ def _section(study: Mapping[str, Any], pruner: str, key: str) -> list[str]:
     lines += ["### Per-benchmark retention of the primary score (%), mean over seeds", "",
               "| entry | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
     for e in ranked:
-        lines.append(f"| {e} | " + " | ".join(_pct(runs[e]["benchmarks"][b]["mean"]) for b in benches) + " |")
+        lines.append(f"| {e} | " + " | ".join(_pts(runs[e]["benchmarks"][b]["mean"]) for b in benches) + " |")
     lines += ["", "### Accuracy beside the continuous scores: retention (%) of acc / acc_cn / margin", "",
               "| entry | " + " | ".join(b for b in benches if study["dense"][b]["kind"] == "choice") + " |",
               "|---" * (1 + sum(study["dense"][b]["kind"] == "choice" for b in benches)) + "|"]
     for e in ranked:
         sec = runs[e]["secondary"]
         lines.append(f"| {e} | " + " | ".join(
-            " / ".join(_pct(sec[b].get(s), 0) for s in ("acc", "acc_cn", "margin"))
+            " / ".join(_pts(sec[b].get(s), 0) for s in ("acc", "acc_cn", "margin"))
             for b in benches if study["dense"][b]["kind"] == "choice") + " |")
     return lines + [""]
 
@@ -188,9 +193,9 @@ def _plot(study: Mapping[str, Any], out: Path, pruner: str, key: str) -> list[st
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if math.isfinite(v):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if v < mid else "black")
-    fig.colorbar(im, ax=ax, label="retention (pruned / dense), mean over seeds")
+    fig.colorbar(im, ax=ax, label="retention (%, pruned / dense), mean over seeds")
     ax.set_title(f"{study['config']['model']}: {pruner} {key}, retention (%)")
     fig.tight_layout()
     names = [f"heatmap_{pruner}_s{key}.png"]
@@ -218,7 +223,7 @@ def _plot(study: Mapping[str, Any], out: Path, pruner: str, key: str) -> list[st
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("calibration perplexity (dense model)")
-        ax.set_ylabel(f"{dim} retention")
+        ax.set_ylabel(f"{dim} retention (%)")
         ax.set_title(f"{dim}: ρ {rho}", fontsize=10)
     fig.suptitle(f"{pruner} {key}: calibration perplexity vs retention (● single sources, ρ over these; ★ "
                  "constructed; bars: sd over seeds, else item SE)", fontsize=10)

@@ -123,3 +123,24 @@ def test_config_checks_activation_store():
         make_config("sparsegpt", activations="ram")
     with pytest.raises(ValueError, match="contradicts"):
         make_config("sparsegpt", activations="device", offload_activations=True)
+
+
+def test_write_safetensors_round_trips(tmp_path):
+    """The copy-free writer's files read back exactly with safetensors itself (odd shapes, 0-d, empty, bf16)."""
+    from safetensors import safe_open
+
+    from calibprune.pruning.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g).to(torch.bfloat16),
+               "c": torch.tensor(2.5, dtype=torch.float64), "d": torch.zeros(0, 4), "e": torch.arange(5) % 2 == 0,
+               "f": torch.randint(0, 9, (2, 3), generator=g, dtype=torch.int64),
+               "g": torch.randn(4, 6, generator=g).t()}  # not contiguous
+    size = write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    assert size == (tmp_path / "x.safetensors").stat().st_size
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}

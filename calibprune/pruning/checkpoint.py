@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .._io import atomic_write_text
@@ -37,7 +36,7 @@ from .report import ModuleRecord
 log = logging.getLogger(__name__)
 
 __all__ = ["LayerCheckpoint", "partial_dir", "PARTIAL_SUFFIX", "STATE_FILE", "layer_tensors", "saved_state",
-           "saved_names"]
+           "saved_names", "write_safetensors"]
 
 PARTIAL_SUFFIX = ".calibprune-partial"
 STATE_FILE = "state.json"
@@ -48,6 +47,46 @@ def partial_dir(out: str | os.PathLike) -> Path:
     """The work folder of output ``out``: ``<parent>/<name>.calibprune-partial``."""
     out = Path(os.path.abspath(Path(out).expanduser()))
     return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write ``tensors`` as a safetensors file, each tensor's bytes straight from its memory (``save_file`` builds a
+    copy of every tensor first, which would double a shard's footprint); fsynced. Returns the file size.
+
+    Layout as the format specifies: an 8-byte little-endian header length, the JSON header (padded with spaces to
+    a multiple of 8), then the tensors back to back, larger elements first so that every tensor stays aligned.
+    """
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in items:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for _, tensor in items:
+            if tensor.numel():
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                fh.write(memoryview(data.numpy()))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return 8 + len(blob) + offset
 
 
 def saved_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,9 +113,8 @@ def saved_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, s
 
 
 def layer_tensors(model: nn.Module, layer: nn.Module, prefix: str, index: int) -> dict[str, torch.Tensor]:
-    """The layer's state (parameters and persistent buffers) under checkpoint names, contiguous on CPU."""
-    state = {f"{prefix}.{index}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-    return saved_state(model, state)
+    """The layer's state (parameters and persistent buffers) under checkpoint names (still on its device)."""
+    return saved_state(model, {f"{prefix}.{index}.{k}": v.detach() for k, v in layer.state_dict().items()})
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -250,9 +288,7 @@ class LayerCheckpoint:
         check_finite(layer)
         file = self.layer_file(index)
         tmp = file.with_name(f".{file.name}.tmp")
-        save_file(layer_tensors(self.model, layer, self.prefix, index), str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_safetensors(tmp, layer_tensors(self.model, layer, self.prefix, index), {"format": "pt"})
         os.replace(tmp, file)
         _fsync_dir(self.folder)
         self.state["layers"][str(index)] = {"file": file.name, "bytes": file.stat().st_size,

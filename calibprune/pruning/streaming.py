@@ -20,7 +20,9 @@ the run can resume after a kill) and the CLI.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -32,11 +34,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..calibration import CalibrationSet, as_token_ids
-from .checkpoint import LayerCheckpoint, partial_dir, saved_names, saved_state
+from .checkpoint import LayerCheckpoint, partial_dir, saved_names, saved_state, write_safetensors
 from .config import PruneConfig
 from .distributed import current_context, sync_phase
 from .pipeline import LAYER_LOADER, find_decoder_layers, prune, resolve_device
@@ -140,6 +141,25 @@ class SafetensorsLayerLoader:
         for _, mod, attr, is_param in _state_slots(layer):
             current = mod._parameters[attr] if is_param else mod._buffers[attr]
             _assign(mod, attr, is_param, torch.empty_like(current, device="meta"))
+        _return_freed_memory()
+
+
+@functools.cache
+def _glibc() -> Any:
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        return lib
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps what a layer used, so RSS would creep up layer by layer;
+    measured with benchmarks/bench_memory.py). A no-op where glibc's malloc_trim is absent."""
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def _default_dtype(config, device: torch.device) -> torch.dtype:
@@ -283,11 +303,10 @@ def _assemble(folder: Path, model: nn.Module, tokenizer, checkpoint: LayerCheckp
     total = n_layers + 1
     weight_map: dict[str, str] = {}
     total_size = 0
-    outside = {n: t for n, t in model.state_dict().items() if not n.startswith(prefix + ".")}
-    outside = {n: t.detach().to("cpu").contiguous() for n, t in _without_tied(model, outside).items()}
-    outside = saved_state(model, outside)
+    outside = {n: t.detach() for n, t in model.state_dict().items() if not n.startswith(prefix + ".")}
+    outside = saved_state(model, _without_tied(model, outside))
     first = f"model-{1:05d}-of-{total:05d}.safetensors"
-    save_file(outside, str(folder / first), metadata={"format": "pt"})
+    write_safetensors(folder / first, outside, {"format": "pt"})
     for name, tensor in outside.items():
         weight_map[name] = first
         total_size += tensor.numel() * tensor.element_size()

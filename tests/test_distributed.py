@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,18 +68,55 @@ def _worker(rank: int, port: int, folder: str) -> None:
             results["failure"] = f"{type(exc).__name__}: {exc}"
         finally:
             SparseGPTMethod.prune_module = original
+        results["stream"] = _stream_then_resume(rank, Path(folder))
     except Exception:  # noqa: BLE001
         results["crash"] = traceback.format_exc()
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
+def _stream_then_resume(rank: int, folder: Path) -> str | None:
+    """Both ranks stream the model from disk into one output; rank 0 dies after saving layer 0; both resume."""
+    import torch.distributed as dist
+
+    from calibprune.pruning import prune_and_save
+    from calibprune.pruning.checkpoint import LayerCheckpoint
+
+    if rank == 0:
+        tiny_model("llama").save_pretrained(folder / "src")
+    dist.barrier()
+    original = LayerCheckpoint.commit
+
+    def crash(self, index, *args):
+        original(self, index, *args)
+        if index == 0 and rank == 0:
+            raise OSError("disk full (injected)")
+
+    LayerCheckpoint.commit = crash
+    try:
+        prune_and_save(folder / "src", _ids(), make_config("sparsegpt", sparsity=0.6), folder / "streamed",
+                       progress=False)
+        message = None
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        message = f"{type(exc).__name__}: {exc}"
+    finally:
+        LayerCheckpoint.commit = original
+    prune_and_save(folder / "src", _ids(), make_config("sparsegpt", sparsity=0.6, resume=True),
+                   folder / "streamed", progress=False)
+    return message
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> list[dict]:
+def two_ranks_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_ranks_folder) -> list[dict]:
     """Run every scenario in a 2-process gloo group once for the module."""
     import torch.multiprocessing as mp
 
-    folder = tmp_path_factory.mktemp("dist")
+    folder = two_ranks_folder
     mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
     results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r, res in enumerate(results):
@@ -143,6 +181,36 @@ def test_one_rank_failure_stops_every_rank(two_ranks):
         assert res["failure"] is not None, f"rank {r} did not fail"
         assert res["failure"].startswith("RankFailure: rank 1 failed in layer 1 prune: ValueError: injected failure"), \
             (r, res["failure"])
+
+
+@pytest.mark.slow
+def test_streamed_resumed_run_on_two_ranks(two_ranks, two_ranks_folder, tmp_path):
+    """Two ranks streaming one model from disk: rank 0 fails saving layer 0, both stop with its error; resumed,
+    the checkpoint equals a one-process streamed prune bitwise."""
+    from safetensors.torch import load_file
+
+    from calibprune.pruning import prune_and_save
+
+    for r, res in enumerate(two_ranks):
+        assert res["stream"] is not None and res["stream"].startswith(
+            "RankFailure: rank 0 failed in layer 0 save: OSError: disk full (injected)"), (r, res["stream"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prune_and_save(two_ranks_folder / "src", _ids(), make_config("sparsegpt", sparsity=0.6), tmp_path / "one",
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    def tensors(folder):
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            out |= load_file(file)
+        return out
+
+    one, two = tensors(tmp_path / "one"), tensors(two_ranks_folder / "streamed")
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
 
 
 @pytest.mark.slow

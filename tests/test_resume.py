@@ -194,3 +194,34 @@ def test_resume_without_an_output_is_an_error():
 
     with pytest.raises(ValueError, match="prune_and_save"):
         prune(tiny_model("llama"), random_ids(2, 8), make_config("wanda", resume=True))
+
+
+def test_kill_while_assembling_resumes_without_recomputing(setup, tmp_path, monkeypatch):
+    """Killed after the last layer was saved (while the checkpoint is assembled): the staging folder is not a
+    finished output, and the resumed run only assembles — no forward runs again."""
+    import calibprune.pruning.pipeline as pipeline
+    import calibprune.pruning.streaming as streaming
+
+    ids = random_ids(4, 16, seed=7, vocab=VOCAB)
+    config = make_config("wanda", sparsity=0.5)
+    out = tmp_path / "out"
+
+    def dies(folder, *args, **kwargs):
+        (folder / "config.json").write_text("{}")  # half-written staging folder
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(streaming, "_assemble", dies)
+        with pytest.raises(_Crash):
+            prune_and_save(setup["model"], ids, config, out, progress=False)
+    assert not out.exists() and _finished_layers(partial_dir(out)) == LAYERS
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("every layer was finished: nothing needs to run through the model again")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_capture", no_forward)
+        m.setattr(pipeline, "_layer_forward", no_forward)
+        prune_and_save(setup["model"], ids, make_config("wanda", sparsity=0.5, resume=True), out, progress=False)
+    prune_and_save(setup["model"], ids, config, tmp_path / "whole", progress=False)
+    _assert_same_checkpoint(out, tmp_path / "whole")

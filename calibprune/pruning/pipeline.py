@@ -456,9 +456,14 @@ class _Layerwise:
                 consumer.reducer = None
         return [records[name] for name in modules if name in records]
 
+    def _restored_from(self, index: int) -> bool:
+        """Layers ``index`` and after were all finished by an earlier run: their inputs are not needed."""
+        return self.checkpoint is not None and all(self.checkpoint.is_done(j) for j in range(index, len(self.layers)))
+
     def propagate(self, index: int, layer: nn.Module, store: ActivationStore) -> None:
         error = None
-        if self.ids is not None and (index + 1 < len(self.layers) or not self.method.stop_early):
+        if (self.ids is not None and (index + 1 < len(self.layers) or not self.method.stop_early)
+                and not self._restored_from(index)):
             try:
                 for b, kw in enumerate(self.kwargs):
                     store.set(b, _layer_forward(layer, store.get(b), kw, self.autocast))
@@ -520,7 +525,8 @@ class _Layerwise:
         store = ActivationStore(_activation_kind(self.config), self.device, folder)
         try:
             with exact_fp32():
-                self.capture(store)
+                if not self._restored_from(0):
+                    self.capture(store)
                 self.phases["capture"] = time.perf_counter() - t_start
                 show = progress and (ctx is None or ctx.is_main)
                 for index, layer in enumerate(tqdm(self.layers, desc=f"{report.method} layers", unit="layer",

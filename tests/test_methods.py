@@ -430,6 +430,8 @@ def test_cli_builds_and_prunes_with_generated_calibration(tiny_checkpoint, capsy
 
     calib = CalibrationSet.load(pt)
     assert tuple(calib.ids.shape) == (6, 16)
+    if generator != "self-cal":
+        return  # generation is the slow part; one generator through prune shows the path
     code, cap = _run(["prune", "--model", model, "--calib", generator, "--n", "6", "--seqlen", "16", *extra,
                       "--method", "wanda", "--no-eval", "--out", str(tiny_checkpoint / "out")], capsys)
     assert code == 0, cap.err

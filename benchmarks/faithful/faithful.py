@@ -1,0 +1,209 @@
+"""Run the authors' SparseGPT / Wanda / magnitude code, or calibprune, on SmolLM2-135M; save every Linear's weights.
+
+Glue only; the authors' code is not part of calibprune. Get it yourself and point FAITHFUL_AUTHORS at a folder with
+    sparsegpt/   the files llama.py, sparsegpt.py, modelutils.py, quant.py of github.com/IST-DASLab/sparsegpt
+    wanda/lib/   the package lib/ of github.com/locuslab/wanda
+(untouched). What the glue changes to run them on transformers 5 and a CPU:
+  * CPU: torch.cuda.synchronize -> no-op (their fasterprune calls it); Tensor.cuda -> identity for their
+    prune_magnitude (it sorts on the GPU: `W_metric.flatten().cuda()`); device = cpu.
+  * transformers 5: the decoder layer needs `position_embeddings=(cos, sin)`, which their Catcher does not keep.
+    A forward hook on model.model.rotary_emb records (cos, sin) during the Catcher forward, and a forward pre-hook on
+    every decoder layer supplies them when the caller did not pass them. Nothing else of the call changes.
+  * Wanda: `get_loaders` is replaced by a function returning our token ids (one (inp, tar) per sequence, as
+    their loader yields); `model.hf_device_map = {}` (their code reads it; set by accelerate's device_map="auto").
+
+Usage (FAITHFUL_OUT: where runs go, default ./out; FAITHFUL_THREADS: torch threads, default 2 — compare only runs
+made with the same thread count, BLAS/LAPACK round differently with it):
+  python faithful.py calib                       # build the 16x256 C4 ids once (and 32x512 for timing)
+  python faithful.py run NAME                    # one run -> out/NAME.pt (weights) + out/NAME.json (ppl, time)
+NAMEs: see RUNS below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = Path(os.environ.get("FAITHFUL_OUT", HERE / "out"))
+AUTHORS = Path(os.environ.get("FAITHFUL_AUTHORS", HERE / "authors"))
+THREADS = int(os.environ.get("FAITHFUL_THREADS", "2"))
+
+
+def load():
+    import calibprune
+
+    torch.set_num_threads(THREADS)
+    model, tok = calibprune.load_model("smollm2-135m")
+    return model, tok
+
+
+def linear_weights(model) -> dict[str, torch.Tensor]:
+    return {f"model.layers.{i}.{n}": m.weight.detach().clone()
+            for i, layer in enumerate(model.model.layers)
+            for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def install_rope_glue(model) -> list:
+    """transformers-5 glue: remember (cos, sin) of the model's rotary embedding and hand them to decoder layers
+    called without position_embeddings (the authors' loops pass only attention_mask / position_ids)."""
+    store: dict = {}
+
+    def keep(_mod, _args, out):
+        store["pe"] = out
+
+    def give(_mod, args, kwargs):
+        if kwargs.get("position_embeddings") is None:
+            kwargs["position_embeddings"] = store["pe"]
+        return args, kwargs
+
+    handles = [model.model.rotary_emb.register_forward_hook(keep)]
+    handles += [layer.register_forward_pre_hook(give, with_kwargs=True) for layer in model.model.layers]
+    return handles
+
+
+def authors_sparsegpt(model, ids: torch.Tensor, sparsity: float, prunen: int, prunem: int) -> None:
+    sys.path.insert(0, str(AUTHORS / "sparsegpt"))
+    import llama as sg_llama  # IST-DASLab/sparsegpt llama.py (imports their sparsegpt.py, modelutils.py, quant.py)
+
+    torch.cuda.synchronize = lambda *a, **k: None  # CPU glue: fasterprune ends with torch.cuda.synchronize()
+    sg_llama.args = argparse.Namespace(nsamples=ids.shape[0], true_sequential=False, minlayer=-1, maxlayer=1000,
+                                       prune_only="", invert=False, wbits=16, sparsity=sparsity, prunen=prunen,
+                                       prunem=prunem, percdamp=0.01, blocksize=128)
+    model.seqlen = ids.shape[1]
+    dataloader = [(ids[i : i + 1], None) for i in range(ids.shape[0])]
+    handles = install_rope_glue(model)
+    try:
+        sg_llama.llama_sequential(model, dataloader, torch.device("cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _wanda_lib(ids: torch.Tensor):
+    sys.path.insert(0, str(AUTHORS / "wanda"))
+    import lib.prune as wp  # locuslab/wanda lib/prune.py (+ lib/layerwrapper.py)
+
+    dataloader = [(ids[i : i + 1], None) for i in range(ids.shape[0])]
+    wp.get_loaders = lambda *a, **k: (dataloader, None)  # data glue: our token ids instead of their C4 download
+    return wp
+
+
+def authors_wanda(model, tok, ids: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> None:
+    wp = _wanda_lib(ids)
+    model.seqlen = ids.shape[1]
+    model.hf_device_map = {}
+    args = argparse.Namespace(nsamples=ids.shape[0], seed=0, use_variant=False, sparsity_ratio=sparsity)
+    handles = install_rope_glue(model)
+    try:
+        wp.prune_wanda(args, model, tok, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def authors_magnitude(model, tok, ids: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> None:
+    wp = _wanda_lib(ids)
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # CPU glue: their threshold sorts on the GPU
+    try:
+        args = argparse.Namespace(sparsity_ratio=sparsity)
+        wp.prune_magnitude(args, model, tok, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
+    finally:
+        torch.Tensor.cuda = cuda
+
+
+def calibprune_run(model, ids, kind: str, **kw):
+    import calibprune
+
+    fn = {"ref": calibprune.prune_sparsegpt_reference, "fused": calibprune.prune_sparsegpt_fused,
+          "wanda": calibprune.prune_wanda, "magnitude": calibprune.prune_magnitude}[kind]
+    report = fn(model, ids, progress=False, **kw) if "progress" in _params(fn) else fn(model, ids, **kw)
+    return report
+
+
+def _params(fn):
+    import inspect
+
+    return inspect.signature(fn).parameters
+
+
+# name -> (who, what, kwargs)
+RUNS = {
+    "auth_sgpt_60": ("authors", "sparsegpt", dict(sparsity=0.6, prunen=0, prunem=0)),
+    "auth_sgpt_24": ("authors", "sparsegpt", dict(sparsity=0.5, prunen=2, prunem=4)),
+    "auth_wanda_60": ("authors", "wanda", dict(sparsity=0.6, prune_n=0, prune_m=0)),
+    "auth_wanda_24": ("authors", "wanda", dict(sparsity=0.5, prune_n=2, prune_m=4)),
+    "auth_mag_60": ("authors", "magnitude", dict(sparsity=0.6, prune_n=0, prune_m=0)),
+    "auth_mag_24": ("authors", "magnitude", dict(sparsity=0.5, prune_n=2, prune_m=4)),
+    "cp_ref_60": ("calibprune", "ref", dict(sparsity=0.6)),
+    "cp_ref_24": ("calibprune", "ref", dict(pattern="2:4")),
+    "cp_fused_60": ("calibprune", "fused", dict(sparsity=0.6, batch_size=1)),
+    "cp_fused_torch_60": ("calibprune", "fused", dict(sparsity=0.6, batch_size=1, backend="torch")),
+    "cp_fused_24": ("calibprune", "fused", dict(pattern="2:4", batch_size=1)),
+    "cp_fused_torch_24": ("calibprune", "fused", dict(pattern="2:4", batch_size=1, backend="torch")),
+    "cp_wanda_60": ("calibprune", "wanda", dict(sparsity=0.6)),
+    "cp_wanda_24": ("calibprune", "wanda", dict(pattern="2:4")),
+    "cp_mag_60": ("calibprune", "magnitude", dict(sparsity=0.6)),
+    "cp_mag_24": ("calibprune", "magnitude", dict(pattern="2:4")),
+    "cp_ref_60_bs8": ("calibprune", "ref", dict(sparsity=0.6, batch_size=8)),
+    "cp_ref_24_bs8": ("calibprune", "ref", dict(pattern="2:4", batch_size=8)),
+    "cp_fused_60_bs8": ("calibprune", "fused", dict(sparsity=0.6, batch_size=8)),
+    "cp_fused_24_bs8": ("calibprune", "fused", dict(pattern="2:4", batch_size=8)),
+    "cp_wanda_60_bs8": ("calibprune", "wanda", dict(sparsity=0.6, batch_size=8)),
+    "cp_wanda_24_bs8": ("calibprune", "wanda", dict(pattern="2:4", batch_size=8)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["calib", "run", "dense"])
+    ap.add_argument("name", nargs="?")
+    a = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    import calibprune
+
+    if a.cmd == "calib":
+        _, tok = load()
+        cs = calibprune.build_calibration(tok, "c4", n=16, seqlen=256, seed=0)
+        torch.save(cs.ids if hasattr(cs, "ids") else calibprune.calibration.as_token_ids(cs), OUT / "calib_16x256.pt")
+        cs = calibprune.build_calibration(tok, "c4", n=32, seqlen=512, seed=0)
+        torch.save(cs.ids if hasattr(cs, "ids") else calibprune.calibration.as_token_ids(cs), OUT / "calib_32x512.pt")
+        return
+    model, tok = load()
+    if a.cmd == "dense":
+        ppl = calibprune.wikitext2_perplexity(model, tok, seqlen=512, max_windows=16)
+        (OUT / "dense.json").write_text(json.dumps({"ppl": ppl, "calibprune": calibprune.__file__}))
+        torch.save(linear_weights(model), OUT / "dense.pt")
+        print("dense ppl", ppl)
+        return
+    who, what, kw = RUNS[a.name]
+    ids = torch.load(OUT / "calib_16x256.pt")
+    t0 = time.perf_counter()
+    if who == "authors":
+        if what == "sparsegpt":
+            authors_sparsegpt(model, ids, **kw)
+        elif what == "wanda":
+            authors_wanda(model, tok, ids, **kw)
+        else:
+            authors_magnitude(model, tok, ids, **kw)
+    else:
+        report = calibprune_run(model, ids, what, **kw)
+        backends = getattr(report, "resolved_backends", None)
+    seconds = time.perf_counter() - t0
+    ppl = calibprune.wikitext2_perplexity(model, tok, seqlen=512, max_windows=16)
+    info = {"name": a.name, "who": who, "what": what, "kwargs": kw, "seconds": seconds, "ppl": ppl,
+            "threads": torch.get_num_threads(), "calibprune": calibprune.__file__,
+            "resolved_backends": backends if who == "calibprune" else None}
+    torch.save(linear_weights(model), OUT / f"{a.name}.pt")
+    (OUT / f"{a.name}.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

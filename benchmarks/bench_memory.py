@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import environment, print_table, write_rows  # noqa: E402
+from _harness import RESULTS_DIR, environment, print_table, write_rows  # noqa: E402
 
 LLAMA_1B5 = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
@@ -109,11 +109,9 @@ def _child(args: argparse.Namespace) -> None:
     if args.mode == "streamed":
         report = prune_and_save(args.model, ids, config, out, progress=False)
     else:
-        from calibprune import load_model, prune, save_pruned
-
-        model, tok = load_model(args.model, device="cpu")
-        report = prune(model, ids, config, progress=False)
-        save_pruned(model, tok, out, report)
+        # The whole model in memory (a random model has no tokenizer, so no load_model), then the same save.
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        report = prune_and_save(model, ids, config, out, progress=False)
     seconds = time.perf_counter() - t0
     row = {"mode": args.mode, "peak_rss_mb": _rss_peak_bytes() / 2**20, "R0_mb": r0 / 2**20, "seconds": seconds,
            "prune_seconds": report.seconds, "sparsity": report.sparsity} | terms
@@ -143,6 +141,7 @@ def main() -> None:
     p.add_argument("--activations", default="cpu", choices=("device", "cpu", "disk"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--in-memory", action="store_true", help="also measure the in-memory prune (whole model loaded)")
+    p.add_argument("--modes", default=None, help="comma list of streamed, in-memory (overrides --in-memory)")
     p.add_argument("--workdir", default=None, help="where the 1.5B checkpoint and the outputs go (default: a temp "
                    "folder under /work or /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the 1.5B checkpoint")
@@ -187,7 +186,7 @@ def main() -> None:
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(path)
-            modes = ["streamed"] + (["in-memory"] if args.in_memory else [])
+            modes = args.modes.split(",") if args.modes else ["streamed"] + (["in-memory"] if args.in_memory else [])
             for mode in modes:
                 out = work / f"out-{name}-{mode}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -208,6 +207,7 @@ def main() -> None:
                        "method": args.method, "n": args.n, "seqlen": args.seqlen, "activations": args.activations,
                        "predicted_mb": predicted, "resumed": resumed} | res | environment(args.device)
                 rows.append(row)
+                write_rows("bench_memory", [row])  # each measurement is kept as soon as it is made
                 shutil.rmtree(out, ignore_errors=True)
                 print_table([row], ["model", "mode", "parameters_m", "model_fp32_mb", "peak_rss_mb", "predicted_mb",
                                     "R0_mb", "E_mb", "L_mb", "S_mb", "A_mb", "seconds"])
@@ -219,8 +219,7 @@ def main() -> None:
     print()
     print_table(rows, ["model", "mode", "parameters_m", "model_fp32_mb", "peak_rss_mb", "predicted_mb", "R0_mb",
                        "E_mb", "L_mb", "S_mb", "A_mb", "seconds"])
-    path = write_rows("bench_memory", rows)
-    print(f"rows appended to {path}")
+    print(f"rows appended to {RESULTS_DIR / 'bench_memory.jsonl'}")
 
 
 if __name__ == "__main__":

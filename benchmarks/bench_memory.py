@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.modes and not set(args.modes.split(",")) <= {"streamed", "in-memory"}:
+        p.error(f"--modes takes streamed and/or in-memory, got {args.modes!r}")
     if args.child:
         _child(args)
         return

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import random_ids, tiny_model
 
 from calibprune import make_config, prune
@@ -27,6 +28,14 @@ SCENARIOS = {
                                                refine_options={"skip": ()})),
 }
 
+
+
+def _checkpoint_tensors(folder):
+    """Every tensor of a sharded safetensors checkpoint, by name."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out |= load_file(file)
+    return out
 
 def _ids() -> torch.Tensor:
     return random_ids(8, 24, seed=1)
@@ -187,8 +196,6 @@ def test_one_rank_failure_stops_every_rank(two_ranks):
 def test_streamed_resumed_run_on_two_ranks(two_ranks, two_ranks_folder, tmp_path):
     """Two ranks streaming one model from disk: rank 0 fails saving layer 0, both stop with its error; resumed,
     the checkpoint equals a one-process streamed prune bitwise."""
-    from safetensors.torch import load_file
-
     from calibprune.pruning import prune_and_save
 
     for r, res in enumerate(two_ranks):
@@ -202,13 +209,7 @@ def test_streamed_resumed_run_on_two_ranks(two_ranks, two_ranks_folder, tmp_path
     finally:
         torch.set_num_threads(threads)
 
-    def tensors(folder):
-        out = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            out |= load_file(file)
-        return out
-
-    one, two = tensors(tmp_path / "one"), tensors(two_ranks_folder / "streamed")
+    one, two = _checkpoint_tensors(tmp_path / "one"), _checkpoint_tensors(two_ranks_folder / "streamed")
     assert one.keys() == two.keys()
     assert [k for k in one if not torch.equal(one[k], two[k])] == []
 
@@ -299,7 +300,6 @@ def test_torchrun_cli_writes_the_one_process_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -331,12 +331,6 @@ def test_torchrun_cli_writes_the_one_process_checkpoint(tmp_path):
     sidecar = json.loads((tmp_path / "two" / "calibprune.json").read_text())
     assert sidecar["report"]["distributed"]["world_size"] == 2
 
-    def tensors(folder):
-        out = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            out |= load_file(file)
-        return out
-
-    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    one, two = _checkpoint_tensors(tmp_path / "one"), _checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     assert [k for k in one if not torch.equal(one[k], two[k])] == []

@@ -50,10 +50,11 @@ def _cell(summary: Mapping[str, Any] | None) -> str:
     return out
 
 
-def _interval(d: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+def _interval(d: Mapping[str, Any] | None, digits: int = 1) -> str:
+    """``estimate (lo, hi)`` of a difference already in percentage points."""
     if not d:
         return "–"
-    return (f"{scale * d['estimate']:+.{digits}f} ({scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f})")
+    return f"{d['estimate']:+.{digits}f} ({d['lo']:+.{digits}f}, {d['hi']:+.{digits}f})"
 
 
 def _verdict_table(study: Mapping[str, Any]) -> list[str]:

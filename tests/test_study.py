@@ -321,3 +321,32 @@ def test_dotted_options_parse():
         _dotted(["pool_factor=3"], "--x")
     with pytest.raises(ValueError, match="two generators"):
         _variants(["v:igsp.strata=1", "v:sgs.top_k=3"])
+
+
+@needs_data
+def test_design_study_compares_variants_with_the_first(tmp_path):
+    """A study of IGSP variants alone (its design on DEV): each variant − the first, marked as item-only intervals
+    (one seed each, no seed variance to borrow); no claim applies; a report rebuilt from runs/ knows it is done."""
+    from calibprune.study.run import summarise_study
+
+    variants = {v: {"generator": "igsp", "options": {"strata": s}} for v, s in (("base", 3), ("v5", 5), ("v1", 1))}
+    spec = _spec(sources="none", constructed="none", seeds=[0], seeded=[], variants=variants, pruner_entries=[],
+                 out_dir=str(tmp_path))
+    _, dense, fake = _fake_study(tmp_path)
+    source = {"base": "igsp", "v5": "igsp-nostrata", "v1": "c4"}  # borrow three fake runs' records
+    runs = {}
+    for v, src in source.items():
+        rid = run_id(v, 0, "sparsegpt", 0.6)
+        runs[rid] = {**fake[run_id(src, 0, "sparsegpt", 0.6)], "id": rid, "entry": v, "kind": "variant:igsp"}
+    assert [r.id for r in plan_runs(spec)] == list(runs)
+    study = summarise_study(spec, dense, runs)
+    pairs = study["differences"]["sparsegpt"]["0.6"]["pairs"]
+    assert list(pairs) == ["v5 − base", "v1 − base"]
+    assert pairs["v1 − base"]["total"]["seed_variance_unknown"] and pairs["v1 − base"]["total"]["se_seed"] == 0
+    assert study["verdicts"] == {} and study["complete"] is True and study["progress"]["done"] == 3
+    text = write_report(study, tmp_path, plots=False).read_text()
+    assert "No claim of the paper applies" in text and "| v1 − base | 1/1 |" in text and "† One seed" in text
+    assert "seed 0 |" in text and "for ," not in text and "best single = None" not in text
+    assert "Paper reference values (LLaMA-3.1-8B" in text and "{" not in text.split("Paper reference values")[1]
+    missing = summarise_study(spec, dense, {k: v for k, v in runs.items() if not k.startswith("v1")})
+    assert missing["complete"] is False and missing["progress"]["remaining"] == [run_id("v1", 0, "sparsegpt", 0.6)]

@@ -7,7 +7,8 @@ are in :mod:`.statistics`; this module decides *what* is compared:
   seeds and the item-sampling standard error ``se`` of that mean, all in percentage points (``"unit":
   "points"``; differences and their intervals too);
 - the differences the paper reports (mix − best single, mix − C4, best single − C4, IGSP − Self-Cal,
-  IGSP − SGS, Self-Cal − SGS) and IGSP − each IGSP variant (the ablations), with 95% intervals;
+  IGSP − SGS, Self-Cal − SGS) and IGSP − each IGSP variant (the ablations), with 95% intervals; in a study of
+  variants alone (IGSP's design on DEV), each variant − the first variant (the base);
 - Spearman ρ of every OIT metric against every target over the single sources, with bootstrap intervals;
 - ``verdicts``: each claim of the paper → confirmed / contradicted / inconclusive with its numbers.
 
@@ -135,7 +136,11 @@ def _pairs(entries: Mapping[str, Any], spec: Mapping[str, Any], best: str | None
         pairs += [("mix − best single", "mix", best), ("best single − c4", best, "c4")]
     pairs += [("mix − c4", "mix", "c4"), ("igsp − self-cal", "igsp", "self-cal"), ("igsp − sgs", "igsp", "sgs"),
               ("self-cal − sgs", "self-cal", "sgs")]
-    pairs += [(f"igsp − {v}", "igsp", v) for v in spec["variants"]]
+    variants = list(spec["variants"])
+    if "igsp" in entries:  # the study: IGSP against each of its ablations
+        pairs += [(f"igsp − {v}", "igsp", v) for v in variants]
+    elif variants:  # a design study (variants only): each variant against the first, its base
+        pairs += [(f"{v} − {variants[0]}", v, variants[0]) for v in variants[1:]]
     return [(label, a, b) for label, a, b in pairs if a in entries and b in entries and a != b]
 
 

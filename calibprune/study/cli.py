@@ -83,8 +83,8 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from . import build_study, load_runs, plan_study, run_study, write_report
-    from .run import write_json
+    from . import load_runs, plan_study, run_study, write_report
+    from .run import summarise_study, write_json
 
     settings = study_settings(args)
     if args.report_only:
@@ -93,7 +93,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         dense, runs = load_runs(out)
         if dense is None:
             raise FileNotFoundError(f"--report-only: no study results at {out / 'runs' / 'dense.json'}")
-        study = build_study(spec, dense, runs, out_dir=out)
+        study = summarise_study(spec, dense, runs)
         write_json(out / "study.json", study)
         print(f"wrote {write_report(study, out, plots=not args.no_plots)}")
         return 0

@@ -65,7 +65,11 @@ def _verdict_table(study: Mapping[str, Any]) -> list[str]:
              "their intervals hold seed-to-seed and item-sampling variance (Welch–Satterthwaite t). ρ intervals are "
              "bootstrap over sources and items.", "",
              "| claim | quantity | paper | this study (95% interval) | verdict |", "|---|---|---|---|---|"]
-    for claim, v in study.get("verdicts", {}).items():
+    verdicts = study.get("verdicts", {})
+    if not verdicts:
+        return ["## Verdict", "", "No claim of the paper applies to these entries (a claim needs its entries: the "
+                "single sources for ρ, mix / C4 for the mix claims, IGSP / Self-Cal / SGS for IGSP's).", ""]
+    for claim, v in verdicts.items():
         digits = 2 if claim.startswith("ρ") else 1
         paper = "–" if v.get("paper") is None else f"{v['paper']:+.{digits}f}"
         est = f"{v['estimate']:+.{digits}f}"
@@ -73,6 +77,14 @@ def _verdict_table(study: Mapping[str, Any]) -> list[str]:
         extra = f", p = {v['p']:.2g}" if v.get("p") is not None else ""
         lines.append(f"| {claim} | {v['quantity']} | {paper} | {est}{ci}{extra} | **{v['verdict']}** |")
     return lines + [""]
+
+
+def _paper_lines() -> list[str]:
+    sp, tot, igsp = PAPER["spearman_perplexity"], PAPER["total_retention_pct"], PAPER["igsp_minus"]
+    return [f"Paper reference values ({PAPER['model']}, sparsity {PAPER['sparsity']}, {PAPER['n_sources']} sources): "
+            "Spearman ρ(perplexity, ·) " + ", ".join(f"{d} {v:+.2f}" for d, v in sp.items())
+            + "; total retention " + ", ".join(f"{e} {v:.1f}%" for e, v in tot.items())
+            + "; IGSP − " + ", ".join(f"{e} {v:+.1f}" for e, v in igsp.items()) + " points.", ""]
 
 
 def _dense_table(study: Mapping[str, Any]) -> list[str]:
@@ -132,13 +144,21 @@ def _section(study: Mapping[str, Any], pruner: str, key: str) -> list[str]:
               + ", ".join(f"{d} {_pts(v)}" for d, v in ses.items()) + " points.", ""]
     diffs = study["differences"].get(pruner, {}).get(key, {})
     if diffs.get("pairs"):
-        lines += [f"### Differences (points, 95% interval); best single = {diffs.get('best_single')}", "",
+        best = f"; best single = {diffs['best_single']}" if diffs.get("best_single") else ""
+        lines += [f"### Differences (points, 95% interval){best}", "",
                   "| difference | seeds | total | " + " | ".join(DIMENSIONS) + " |",
                   "|---" * (len(DIMENSIONS) + 3) + "|"]
+        unknown = False
         for label, d in diffs["pairs"].items():
             seeds = "/".join(map(str, d["total"]["n_seeds"]))
-            lines.append(f"| {label} | {seeds} | **{_interval(d['total'])}** | "
+            mark = "†" if d["total"].get("seed_variance_unknown") else ""
+            unknown = unknown or bool(mark)
+            lines.append(f"| {label} | {seeds} | **{_interval(d['total'])}**{mark} | "
                          + " | ".join(_interval(d["dimensions"].get(x)) for x in DIMENSIONS) + " |")
+        if unknown:
+            lines += ["", "† One seed per side and no multi-seed entry to borrow a seed variance from: the interval "
+                      "holds item-sampling variance only, so it is too narrow by the unmeasured seed-to-seed "
+                      "variance."]
         lines.append("")
     sp = study["spearman"].get(pruner, {}).get(key, {})
     if sp.get("sources"):
@@ -253,10 +273,13 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
              "| setting | value |", "|---|---|",
              f"| entries | {len(cfg['sources'])} single sources + {', '.join(cfg['constructed']) or 'none'}"
              + (f"; variants {', '.join(cfg['variants'])}" if cfg.get("variants") else "") + " |",
-             f"| calibration | n = {cfg['n']} × seqlen = {cfg['seqlen']} tokens; seeds {cfg['seeds']} for "
-             f"{', '.join(cfg['seeded'])}, first seed for the rest |",
-             f"| pruning | {', '.join(cfg['pruners'])} (the first for every entry; the others for "
-             f"{', '.join(cfg['pruner_entries'])}), unstructured, sparsity {', '.join(map(skey, cfg['sparsities']))} |",
+             f"| calibration | n = {cfg['n']} × seqlen = {cfg['seqlen']} tokens; "
+             + (f"seeds {cfg['seeds']} for {', '.join(cfg['seeded'])}, seed {cfg['seeds'][0]} for the rest |"
+                if cfg["seeded"] and len(cfg["seeds"]) > 1 else f"seed {cfg['seeds'][0]} |"),
+             f"| pruning | {', '.join(cfg['pruners'])}"
+             + (f" (the first for every entry; the others for {', '.join(cfg['pruner_entries'])})"
+                if len(cfg["pruners"]) > 1 and cfg["pruner_entries"] else "")
+             + f", unstructured, sparsity {', '.join(map(skey, cfg['sparsities']))} |",
              f"| evaluation | study suite, {study.get('split', 'test').upper()} items, scored in "
              f"{study.get('eval_dtype')}: " + ", ".join(f"{b} ({d['n']})" for b, d in study["dense"].items()) + " |",
              f"| statistics | {cfg['n_boot']} paired bootstrap replicates; 95% intervals |", "",
@@ -274,7 +297,7 @@ def write_report(study: Mapping[str, Any], out_dir: str | os.PathLike, *, plots:
             if sec and plots:
                 names = _plot(study, out, pruner, key)
                 lines += ["### Plots", ""] + [f"![{n}]({n})" for n in names] + [""]
-    lines += [f"Paper reference values: {PAPER}", ""]
+    lines += _paper_lines()
     notes = out / "notes.md"
     if notes.is_file():  # hand-written discussion, kept across regenerations
         lines += [notes.read_text().rstrip(), ""]

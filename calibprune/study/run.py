@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from .plan import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_study", "load_runs", "compact_record", "expand_record"]
+__all__ = ["run_study", "summarise_study", "load_runs", "compact_record", "expand_record"]
 
 _STATIC = ("items", "k", "ntok")  # per-item fields that depend on the items only, kept once in dense.json
 
@@ -365,6 +365,33 @@ def _eta(done_times: Mapping[str, list[float]], remaining: list[RunSpec], spec: 
                sum(every) / len(every) for r in remaining)
 
 
+def summarise_study(spec: StudySpec, dense: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]], *,
+                    run_key: Callable[[RunSpec], str] | None = None,
+                    done_times: Mapping[str, list[float]] | None = None, finished: bool = True) -> dict[str, Any]:
+    """The ``study.json`` content of the planned runs among ``runs``, with ``complete`` and ``progress``.
+
+    ``run_key`` (needs the model) also counts a run whose settings changed as remaining; without it (a report
+    rebuilt from ``runs/`` alone) a planned run counts as done when its file exists. ``done_times`` (seconds per
+    finished run, by class) gives the time estimate ``eta_s``; ``finished`` False marks the study as still running.
+    """
+    from .aggregate import build_study
+
+    totals = _stage1_totals(spec, dense, runs)
+    planned = plan_runs(spec, totals)
+    remaining = [r for r in planned
+                 if r.id not in runs or (run_key is not None and runs[r.id].get("key") != run_key(r))]
+    pending = unresolved_runs(spec, totals)
+    eta = None if done_times is None else _eta(done_times, remaining, spec)
+    if eta is not None and pending:
+        eta += pending * eta / max(len(remaining), 1)
+    study = build_study(spec, dense, {k: v for k, v in runs.items() if k in {r.id for r in planned}},
+                        out_dir=spec["out_dir"])
+    study["complete"] = finished and not remaining and not pending
+    study["progress"] = {"planned": len(planned) + pending, "done": len(planned) - len(remaining),
+                         "remaining": [r.id for r in remaining], "not_yet_planned": pending, "eta_s": eta}
+    return study
+
+
 def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: bool = True, plots: bool = True,
               progress: bool = True, max_runs: int | None = None, **settings: Any) -> dict[str, Any]:
     """Run (or resume) the study and return the ``study.json`` content; see the module docstring.
@@ -373,7 +400,6 @@ def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: b
     :func:`~calibprune.study.plan.plan_study`. ``max_runs`` stops after that many new runs (the study stays
     resumable; ``study.json`` says ``"complete": false``).
     """
-    from .aggregate import build_study
     from .report import require_matplotlib, write_report
 
     spec = plan_study(model, out_dir=out_dir, **settings)
@@ -391,19 +417,9 @@ def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: b
     new = 0
     bar = tqdm(desc="study", unit="run", disable=not progress)
 
-    def summary(complete: bool) -> dict[str, Any]:
-        totals = _stage1_totals(spec, dense, runs)
-        planned = plan_runs(spec, totals)
-        remaining = [r for r in planned if r.id not in runs or runs[r.id].get("key") != study_runner.run_key(r)]
-        pending = unresolved_runs(spec, totals)
-        eta = _eta(done_times, remaining, spec)
-        if eta is not None and pending:
-            eta += pending * eta / max(len(remaining), 1)
-        study = build_study(spec, dense, {k: v for k, v in runs.items() if k in {r.id for r in planned}},
-                            out_dir=out)
-        study["complete"] = complete and not remaining and not pending
-        study["progress"] = {"planned": len(planned) + pending, "done": len(planned) - len(remaining),
-                             "remaining": [r.id for r in remaining], "not_yet_planned": pending, "eta_s": eta}
+    def summary(finished: bool) -> dict[str, Any]:
+        study = summarise_study(spec, dense, runs, run_key=study_runner.run_key, done_times=done_times,
+                                finished=finished)
         write_json(out / "study.json", study)
         return study
 

@@ -384,8 +384,8 @@ def summarise_study(spec: StudySpec, dense: Mapping[str, Any], runs: Mapping[str
     eta = None if done_times is None else _eta(done_times, remaining, spec)
     if eta is not None and pending:
         eta += pending * eta / max(len(remaining), 1)
-    study = build_study(spec, dense, {k: v for k, v in runs.items() if k in {r.id for r in planned}},
-                        out_dir=spec["out_dir"])
+    planned_ids = {r.id for r in planned}
+    study = build_study(spec, dense, {k: v for k, v in runs.items() if k in planned_ids}, out_dir=spec["out_dir"])
     study["complete"] = finished and not remaining and not pending
     study["progress"] = {"planned": len(planned) + pending, "done": len(planned) - len(remaining),
                          "remaining": [r.id for r in remaining], "not_yet_planned": pending, "eta_s": eta}

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -348,21 +349,22 @@ def _stage1_totals(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapp
 
 
 def _run_class(spec: Mapping[str, Any], entry: str, pruner: str) -> str:
-    """``"generated"`` for a run that generates its calibration set (main pruner), else ``"plain"``."""
-    return "generated" if calibration_options(spec, entry)[0] is not None and pruner == spec["pruners"][0] \
-        else "plain"
+    """The run's class for the time estimate: its pruner, plus ``"+generated"`` when it generates its calibration
+    set (generation only runs with the main pruner; the other pruners reuse the set)."""
+    generates = calibration_options(spec, entry)[0] is not None and pruner == spec["pruners"][0]
+    return f"{pruner}+generated" if generates else pruner
 
 
 def _eta(done_times: Mapping[str, list[float]], remaining: list[RunSpec], spec: Mapping[str, Any]) -> float | None:
-    """Expected seconds for ``remaining``: mean time of finished runs of the same class (generated or not)."""
-    def cls(run: RunSpec) -> str:
-        return _run_class(spec, run.entry, run.pruner)
-
+    """Expected seconds for ``remaining``: per run, the median time of finished runs of its class (all finished
+    runs when its class has none yet). The median, not the mean, so that a run slowed by a busy machine does not
+    inflate the whole estimate."""
     every = [t for ts in done_times.values() for t in ts]
     if not every:
         return None
-    return sum((sum(done_times[cls(r)]) / len(done_times[cls(r)])) if done_times.get(cls(r)) else
-               sum(every) / len(every) for r in remaining)
+    fallback = statistics.median(every)
+    return sum(statistics.median(done_times[c]) if done_times.get(c) else fallback
+               for c in (_run_class(spec, r.entry, r.pruner) for r in remaining))
 
 
 def summarise_study(spec: StudySpec, dense: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]], *,

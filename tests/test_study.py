@@ -85,7 +85,6 @@ def test_run_list_stages():
     assert resolve_seeded(spec, {**totals, "c4": 0.9}) == (["c4", "mix"], 0)  # c4 is also the best single
 
 
-
 @needs_data
 def test_time_estimate_uses_the_median_of_each_run_class():
     from calibprune.study.plan import RunSpec
@@ -93,12 +92,13 @@ def test_time_estimate_uses_the_median_of_each_run_class():
 
     spec = _spec(pruners=["sparsegpt", "wanda"], pruner_entries=["sources", "mix"])
     # one sparsegpt run slowed 4x by a busy machine must not move the estimate; a class with no finished run
-    # yet (generated calibration, wanda) falls back to the median of every finished run
+    # yet (here wanda) falls back to the median of every finished run
     done = {"sparsegpt": [500.0, 520.0, 2000.0], "sparsegpt+generated": [1400.0]}
     remaining = [RunSpec("c4", 1, "sparsegpt", 0.6), RunSpec("igsp", 1, "sparsegpt", 0.6),
                  RunSpec("c4", 0, "wanda", 0.6)]
     assert _eta(done, remaining, spec) == pytest.approx(520.0 + 1400.0 + 960.0)
     assert _eta({}, remaining, spec) is None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # study.json from runs, and the report

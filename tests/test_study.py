@@ -306,6 +306,7 @@ def test_study_killed_then_resumed(tmp_path):
     assert set(study["entries"]["mix"]["runs"]) == {"sparsegpt", "wanda"}
     assert study["entries"]["igsp-bos"]["calibration"]["row_sources"] == {"igsp:bos": 5}
     assert "dtype_check" in study and (runs / "dtype_check.json").is_file()
+    assert all(json.loads(p.read_text())["device"] == "cpu" for p in [runs / "dense.json", *runs.glob("*__*.json")])
     assert all(v["verdict"] in ("confirmed", "contradicted", "inconclusive") for v in study["verdicts"].values())
     assert "## Verdict" in (out / "report.md").read_text()
     # a third run redoes nothing
@@ -323,6 +324,30 @@ def test_study_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Did you mean 'wikitext2'" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()  # nothing was started
+
+
+@needs_data
+def test_study_device_is_checked_before_any_work(tmp_path, capsys):
+    from calibprune.cli import main
+    from calibprune.study.plan import device_key
+
+    assert _spec()["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    # CPU keys carry no device, so studies that ran before the study had a device keep their runs
+    assert device_key({"device": "cpu"}) == {} and device_key({"device": "cuda:1"}) == {"device": "cuda"}
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            _spec(device="cuda")
+    with pytest.raises(ValueError, match="Invalid device string"):
+        _spec(device="tpu0")
+    # a study scored on one device type is not continued on another (every run would be redone and overwritten)
+    runs = tmp_path / "s" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "dense.json").write_text(json.dumps({"device": "cuda:0"}))
+    rc = main(["study", "--model", "smollm2-135m", "--sources", "c4,gsm8k,mbpp", "--device", "cpu", "--no-plots",
+               "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "scored on cuda" in err and "--device cuda" in err and err.count("\n") == 1
+    assert [p.name for p in (tmp_path / "s").rglob("*")] == ["runs", "dense.json"]  # nothing written
 
 
 def test_dotted_options_parse():

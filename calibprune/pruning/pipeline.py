@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["prune", "check_request", "find_decoder_layers", "capture_layer_inputs", "select_targets", "prune_layerwise",
-           "exact_fp32", "resolve_device", "fast_forwards", "LAYER_LOADER"]
+           "exact_fp32", "check_device", "resolve_device", "fast_forwards", "LAYER_LOADER"]
 
 #: Attribute of a model whose decoder layers live elsewhere (on disk) and are loaded one at a time: an object with
 #: ``load(index, layer, device)`` and ``release(index, layer)`` (see :mod:`calibprune.pruning.streaming`).
@@ -112,18 +112,24 @@ def select_targets(layer: nn.Module, targets: tuple[str, ...] = (), ignore: tupl
     return found
 
 
-def resolve_device(config: PruneConfig) -> torch.device:
-    """The compute device, checked: asking for CUDA on a machine without it is an error, not a late crash."""
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def check_device(name: str | None) -> torch.device:
+    """The compute device named ``name`` (``None``: cuda when torch sees a GPU, else cpu), checked: asking for
+    CUDA on a machine without it is an error, not a late crash."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {config.device!r} was asked for but torch sees no CUDA device "
+            raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device "
                                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     elif device.type not in ("cpu", "mps", "xpu"):
         raise RuntimeError(f"unsupported compute device {device}")
     return device
+
+
+def resolve_device(config: PruneConfig) -> torch.device:
+    """The config's compute device, checked (:func:`check_device`)."""
+    return check_device(config.device)
 
 
 def fast_forwards(config: PruneConfig, device: torch.device) -> torch.dtype | None:

@@ -168,6 +168,7 @@ def build_study(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping
 
     study: dict[str, Any] = {"format": FORMAT, "config": dict(spec), "model_fingerprint": dense["model_fingerprint"],
                              "split": dense["split"], "eval_dtype": dense["dtype"],
+                             "device": dense.get("device", "cpu"),  # where the runs ran (older studies: CPU)
                              "excluded_near_chance": excluded(spec, dense),
                              "dense": _dense_table(spec, dense), "entries": {}, "differences": {}, "spearman": {},
                              "verdicts": {}, "paper": PAPER, "provenance": provenance()}

@@ -58,6 +58,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype the models are scored in (pruning runs in fp32; default bfloat16)")
     p.add_argument("--no-dtype-check", action="store_true", help="skip the fp32 re-scoring of dense + first run")
+    p.add_argument("--device", default=None, help="where the model generates, prunes and is scored: cpu, cuda, "
+                   "cuda:N (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
     p.add_argument("--data-dir", default=None, help="offline data folder (default: $CALIBPRUNE_DATA_DIR, ...)")
     p.add_argument("--data-source", default="offline", choices=("auto", "offline", "hub"),
@@ -79,7 +81,8 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
                 benchmarks=args.benchmarks, eval_overrides=_dotted(args.eval_option, "--eval-option"),
                 eval_dtype=args.eval_dtype, dtype_check=not args.no_dtype_check, n_boot=args.n_boot,
                 data_dir=args.data_dir, data_source=args.data_source, gen_batch_size=args.gen_batch_size,
-                generator_options=_dotted(args.gen_option, "--gen-option"), pool_dir=args.pool_dir)
+                generator_options=_dotted(args.gen_option, "--gen-option"), pool_dir=args.pool_dir,
+                device=args.device)
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..calibration import GENERATORS
 from ..calibration.sources import check_available, list_sources, resolve_data_dir
 from ..evaluation.benchmarks import DIMENSIONS
@@ -104,7 +106,8 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
                dtype_check: bool = True, blocksize: int = 128, percdamp: float = 0.01,
                data_dir: str | os.PathLike | None = None, data_source: str = "offline", gen_batch_size: int = 16,
                generator_options: Mapping[str, Mapping[str, Any]] | None = None, n_boot: int = 2000,
-               pool_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None) -> StudySpec:
+               pool_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+               device: str | None = None) -> StudySpec:
     """Validate a study request and resolve it; reads no model and no calibration data.
 
     Args:
@@ -124,6 +127,8 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         n_boot: bootstrap replicates of the statistics.
         pool_dir: where generated pools are cached (default ``<out_dir>/cache/pools``); two studies of the same
             model can share one.
+        device: where the model generates, prunes and is scored (default: ``"cuda"`` when torch sees a GPU, else
+            ``"cpu"``). Runs on another device type round differently, so a study's runs all come from one type.
 
     Raises ``ValueError`` (unknown name / option, bad numbers, fewer than 3 entries) or ``FileNotFoundError``.
     """
@@ -208,6 +213,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
     if eval_dtype not in EVAL_DTYPES:
         raise ValueError(f"eval_dtype must be one of {EVAL_DTYPES}, got {eval_dtype!r}")
     suite = resolve_suite(parse_list(benchmarks), eval_overrides)
+    device = resolve_study_device(device)
     return StudySpec(
         format=FORMAT, model=str(model), sources=names, source_modes=modes, constructed=built, variants=var,
         entries=entries, sparsities=sparsities, n=n, seqlen=seqlen, seeds=seeds, seeded=seeded_list,
@@ -216,8 +222,26 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         dtype_check=bool(dtype_check), blocksize=blocksize, percdamp=percdamp,
         data_dir=str(resolved_dir) if resolved_dir else None, data_source=data_source,
         gen_batch_size=gen_batch_size, generator_options=gen_opts, n_boot=n_boot,
-        pool_dir=str(pool_dir) if pool_dir is not None else None,
+        pool_dir=str(pool_dir) if pool_dir is not None else None, device=device,
         out_dir=str(out_dir if out_dir is not None else Path("results") / slug(Path(str(model)).name)))
+
+
+def resolve_study_device(device: str | None) -> str:
+    """``device`` checked before any work (a CUDA device torch cannot see is a ``ValueError``), or the default:
+    ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    from ..pruning.pipeline import check_device
+
+    try:
+        return str(check_device(device))
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def device_key(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The device's part of a result key: nothing on CPU (so CPU keys are what they were before the study had a
+    device), the device type otherwise (``cuda:0`` and ``cuda:1`` compute the same)."""
+    kind = torch.device(spec.get("device", "cpu")).type
+    return {} if kind == "cpu" else {"device": kind}
 
 
 def entry_kind(spec: Mapping[str, Any], entry: str) -> str:

@@ -40,6 +40,7 @@ from .plan import (
     RunSpec,
     StudySpec,
     calibration_options,
+    device_key,
     entry_kind,
     plan_runs,
     plan_study,
@@ -139,7 +140,7 @@ def _prune(model: torch.nn.Module, calib: CalibrationSet, pruner: str, sparsity:
     """The study's one call into the pruning registry (``calibprune.prune`` with the method's typed config)."""
     from ..pruning import make_config, prune
 
-    options: dict[str, Any] = {"sparsity": sparsity}
+    options: dict[str, Any] = {"sparsity": sparsity, "device": spec["device"]}
     if pruner == "sparsegpt":
         options |= {"blocksize": spec["blocksize"], "percdamp": spec["percdamp"]}
     return prune(model, calib, make_config(pruner, **options))
@@ -222,7 +223,7 @@ class _Study:
         self.spec, self.progress = spec, progress
         self.out = Path(spec["out_dir"])
         self.runs_dir, self.cache = self.out / "runs", self.out / "cache"
-        self.model, self.tokenizer = load_model(spec["model"], dtype=torch.float32)
+        self.model, self.tokenizer = load_model(spec["model"], dtype=torch.float32, device=spec["device"])
         self.model.eval()
         self.model_fp = model_fingerprint(self.model)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -253,14 +254,15 @@ class _Study:
 
     def dense(self) -> dict[str, Any]:
         key = stable_hash({"format": FORMAT, "model": self.model_fp, "suite": self.suite_key,
-                           "split": self.spec["split"], "dtype": self.spec["eval_dtype"]})
+                           "split": self.spec["split"], "dtype": self.spec["eval_dtype"], **device_key(self.spec)})
         path = self.runs_dir / "dense.json"
         blob = read_json(path, key)
         if blob is None:
             self.restore()
             records, seconds = self.evaluate(self.spec["eval_dtype"])
             blob = {"key": key, "model": self.spec["model"], "model_fingerprint": self.model_fp,
-                    "split": self.spec["split"], "dtype": self.spec["eval_dtype"], "seconds": seconds,
+                    "split": self.spec["split"], "dtype": self.spec["eval_dtype"], "device": self.spec["device"],
+                    "seconds": seconds,
                     "benchmarks": {k: _dense_record(v) for k, v in records.items()}, "provenance": provenance()}
             write_json(path, blob)
             log.info("dense model scored in %s in %.0f s", self.spec["eval_dtype"], seconds)
@@ -269,7 +271,8 @@ class _Study:
     def run_key(self, run: RunSpec) -> str:
         return stable_hash({"format": FORMAT, "calib": _calib_key(self.spec, run.entry, run.seed, self.model_fp),
                             "sparsity": run.sparsity, "pruner": _pruner_settings(self.spec, run.pruner),
-                            "suite": self.suite_key, "split": self.spec["split"], "dtype": self.spec["eval_dtype"]})
+                            "suite": self.suite_key, "split": self.spec["split"], "dtype": self.spec["eval_dtype"],
+                            **device_key(self.spec)})
 
     def calibration(self, entry: str, seed: int) -> tuple[CalibrationSet, dict[str, Any]]:
         """The calibration set (cached) and its OIT metrics record (cached), built with the dense fp32 model."""
@@ -309,7 +312,7 @@ class _Study:
         records, eval_s = self.evaluate(self.spec["eval_dtype"])
         blob = {"format": FORMAT, "key": key, "id": run.id, "entry": run.entry,
                 "kind": entry_kind(self.spec, run.entry), "seed": run.seed, "pruner": run.pruner,
-                "sparsity": run.sparsity,
+                "sparsity": run.sparsity, "device": self.spec["device"],
                 "achieved_sparsity": float(report.sparsity), "calibration": crec["calibration"],
                 "metrics": crec["metrics"], "benchmarks": {k: compact_record(v) for k, v in records.items()},
                 "timings": {**crec["timings"], "prune_s": prune_s, "eval_s": eval_s,
@@ -394,6 +397,18 @@ def summarise_study(spec: StudySpec, dense: Mapping[str, Any], runs: Mapping[str
     return study
 
 
+def _check_device(spec: Mapping[str, Any], out: Path) -> None:
+    """Refuse, before any work, to continue a study on another device type: the run keys differ (rounding
+    differs), so every committed run would be redone and overwritten."""
+    dense = read_json(out / "runs" / "dense.json")
+    if dense is None:
+        return
+    ran = torch.device(dense.get("device", "cpu")).type  # dense.json from before the study had a device: CPU
+    if ran != torch.device(spec["device"]).type:
+        raise ValueError(f"{out} holds a study scored on {ran}; on {spec['device']} it would redo and overwrite "
+                         f"its runs: pass --device {ran} to continue it, or --out a new folder")
+
+
 def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: bool = True, plots: bool = True,
               progress: bool = True, max_runs: int | None = None, **settings: Any) -> dict[str, Any]:
     """Run (or resume) the study and return the ``study.json`` content; see the module docstring.
@@ -408,6 +423,7 @@ def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: b
     if report and plots:
         require_matplotlib()
     out = Path(spec["out_dir"])
+    _check_device(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", {"format": FORMAT, "spec": dict(spec)})
     study_runner = _Study(spec, progress)

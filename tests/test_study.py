@@ -193,6 +193,37 @@ def test_build_study_and_report(tmp_path):
 
 
 @needs_data
+def test_one_seed_pruner_borrows_the_first_pruners_seed_variance(tmp_path):
+    """Wanda runs one seed per entry: its differences borrow SparseGPT's pooled seed variance at that sparsity and
+    say so (in the difference, the verdict's quantity and the report), instead of an item-only interval."""
+    spec, dense, runs = _fake_study(tmp_path)
+    spec = _spec(seeds=[0, 1, 2], seeded=["c4", "best:1", "mix", "self-cal", "sgs", "igsp"],
+                 pruners=["sparsegpt", "wanda"], pruner_entries=["sources", "mix"],
+                 variants={"igsp-nostrata": {"generator": "igsp", "options": {"strata": 1}}})
+    for entry in ("c4", "gsm8k", "mbpp", "alpaca", "mix"):
+        src = runs.get(run_id(entry, 0, "sparsegpt", 0.6)) or runs[run_id("c4", 0, "sparsegpt", 0.6)]
+        rid = run_id(entry, 0, "wanda", 0.6)
+        runs[rid] = {**src, "id": rid, "entry": entry, "pruner": "wanda",
+                     "kind": "source" if entry in spec["sources"] else entry}
+    study = build_study(spec, dense, runs)
+    own = study["differences"]["sparsegpt"]["0.6"]["pairs"]["mix − c4"]
+    lent = study["differences"]["wanda"]["0.6"]["pairs"]["mix − c4"]
+    assert own["seed_variance_from"] == "sparsegpt" and lent["seed_variance_from"] == "sparsegpt"
+    assert lent["total"]["borrowed_seed_variance"] and not lent["total"]["seed_variance_unknown"]
+    assert lent["total"]["se_seed"] > 0 and lent["total"]["n_seeds"] == [1, 1]
+    # the borrowed part is SparseGPT's pooled seed variance of the total, once per side
+    reps = [[study["entries"][e]["runs"]["sparsegpt"]["0.6"]["total"]["values"]]
+            for e in study["entries"] if len(study["entries"][e]["runs"]["sparsegpt"]["0.6"]["seeds"]) > 1]
+    ss = sum(np.var(v[0], ddof=1) * (len(v[0]) - 1) for v in reps)
+    df = sum(len(v[0]) - 1 for v in reps)
+    assert lent["total"]["se_seed"] == pytest.approx(np.sqrt(2 * ss / df), rel=1e-6)
+    assert "seed variance borrowed from sparsegpt" in study["verdicts"]["mix > c4 [wanda 0.6]"]["quantity"]
+    assert "borrowed" not in study["verdicts"]["mix > c4"]["quantity"]
+    text = write_report(study, tmp_path, plots=False).read_text()
+    assert "‡ Every wanda entry ran one seed" in text and "‡ Every sparsegpt" not in text
+
+
+@needs_data
 def test_report_plots(tmp_path):
     pytest.importorskip("matplotlib")
     spec, dense, runs = _fake_study(tmp_path)

@@ -8,7 +8,9 @@ are in :mod:`.statistics`; this module decides *what* is compared:
   "points"``; differences and their intervals too);
 - the differences the paper reports (mix − best single, mix − C4, best single − C4, IGSP − Self-Cal,
   IGSP − SGS, Self-Cal − SGS) and IGSP − each IGSP variant (the ablations), with 95% intervals; in a study of
-  variants alone (IGSP's design on DEV), each variant − the first variant (the base);
+  variants alone (IGSP's design on DEV), each variant − the first variant (the base). A one-seed entry's seed
+  variance is the pooled one of its pruner's multi-seed entries, or, for a pruner that ran every entry with one
+  seed (Wanda in the study), the first such pruner's at that sparsity (``seed_variance_from``);
 - Spearman ρ of every OIT metric against every target over the single sources, with bootstrap intervals;
 - ``verdicts``: each claim of the paper → confirmed / contradicted / inconclusive with its numbers.
 
@@ -181,17 +183,24 @@ def build_study(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping
         if mine:
             study["entries"][entry] = {"kind": mine[0]["kind"], "calibration": mine[0]["calibration"],
                                        "metrics": _mean_metrics(mine), "runs": {}}
+    seed_variance: dict[float, tuple[str, dict[str, tuple[float | None, int]]]] = {}
     for pruner in spec["pruners"]:
         for s in spec["sparsities"]:
             group = {rid: r for rid, r in runs.items() if r["pruner"] == pruner and r["sparsity"] == s}
             if not group:
                 continue
-            _section(study, spec, dense, group, pruner, s)
+            pooled = _section(study, spec, dense, group, pruner, s, seed_variance.get(s))
+            if s not in seed_variance and pooled["total"][0] is not None:
+                seed_variance[s] = (pruner, pooled)
     _verdicts(study, spec)
     return study
 
 
-def _section(study, spec, dense, group, pruner: str, s: float) -> None:
+def _section(study, spec, dense, group, pruner: str, s: float,
+             fallback: tuple[str, dict[str, tuple[float | None, int]]] | None) -> dict[str, tuple[float | None, int]]:
+    """One pruner and sparsity: entry aggregates, differences, Spearman. Returns the pooled seed variance of its
+    multi-seed entries; a pruner with none (every entry one seed) borrows ``fallback``'s, an earlier pruner's at the
+    same sparsity, and its differences record whose (``seed_variance_from``)."""
     key = skey(s)
     rep = run_retentions(spec, dense, group, n_boot=spec["n_boot"])
     suite = _suite(spec)
@@ -218,10 +227,14 @@ def _section(study, spec, dense, group, pruner: str, s: float) -> None:
     best = max(singles, key=lambda e: (entries[e]["runs"][pruner][key]["total"]["mean"], e)) if singles else None
     pooled = {t: pooled_seed_variance([[rep.point[r][t] for r in rids] for rids in by_entry.values()])
               for t in targets if t in rep.point[next(iter(group))]}
+    own, source = pooled, pruner
+    if pooled["total"][0] is None and fallback is not None:
+        source, pooled = fallback[0], {t: fallback[1].get(t, (None, 0)) for t in pooled}
     diffs = {}
     for label, a, b in _pairs(by_entry, spec, best):
-        diffs[label] = {"a": a, "b": b, "total": _points(diff_interval(rep, by_entry[a], by_entry[b], "total",
-                                                                        pooled=pooled["total"])),
+        diffs[label] = {"a": a, "b": b, "seed_variance_from": source,
+                        "total": _points(diff_interval(rep, by_entry[a], by_entry[b], "total",
+                                                       pooled=pooled["total"])),
                         "dimensions": {d: _points(diff_interval(rep, by_entry[a], by_entry[b], d, pooled=pooled[d]))
                                        for d in TARGETS if d != "total" and d in pooled}}
     study["differences"].setdefault(pruner, {})[key] = {"best_single": best, "pairs": diffs}
@@ -245,6 +258,7 @@ def _section(study, spec, dense, group, pruner: str, s: float) -> None:
                 for e in by_entry}
     study["spearman"].setdefault(pruner, {})[key] = {
         "sources": table, "all": spearman_table(rows_all, METRICS, TARGETS), "n_sources": len(singles)}
+    return own
 
 
 def _target_mean(rec: Mapping[str, Any], target: str) -> float:
@@ -276,9 +290,15 @@ def _verdicts(study: dict[str, Any], spec: Mapping[str, Any]) -> None:
                     if d is None:
                         continue
                     t = d["total"]
+                    if t.get("seed_variance_unknown"):
+                        note = "; item-sampling variance only (one seed per side, no seed variance to borrow)"
+                    elif t.get("borrowed_seed_variance") and d.get("seed_variance_from", pruner) != pruner:
+                        note = f"; one seed per side, seed variance borrowed from {d['seed_variance_from']}"
+                    else:
+                        note = ""
                     study["verdicts"][claim + tag] = {
                         "verdict": verdict(t["lo"], t["hi"], sign),
-                        "quantity": f"total retention, {d['a']} − {d['b']} (points)",
+                        "quantity": f"total retention, {d['a']} − {d['b']} (points){note}",
                         "estimate": t["estimate"], "lo": t["lo"], "hi": t["hi"],
                         "paper": paper, "n_seeds": t["n_seeds"], "pruner": pruner, "sparsity": s}
 

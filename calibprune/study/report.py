@@ -148,17 +148,24 @@ def _section(study: Mapping[str, Any], pruner: str, key: str) -> list[str]:
         lines += [f"### Differences (points, 95% interval){best}", "",
                   "| difference | seeds | total | " + " | ".join(DIMENSIONS) + " |",
                   "|---" * (len(DIMENSIONS) + 3) + "|"]
-        unknown = False
+        unknown, lent = False, set()
         for label, d in diffs["pairs"].items():
             seeds = "/".join(map(str, d["total"]["n_seeds"]))
             mark = "†" if d["total"].get("seed_variance_unknown") else ""
-            unknown = unknown or bool(mark)
+            if d["total"].get("borrowed_seed_variance") and d.get("seed_variance_from", pruner) != pruner:
+                mark = "‡"
+                lent.add(d["seed_variance_from"])
+            unknown = unknown or mark == "†"
             lines.append(f"| {label} | {seeds} | **{_interval(d['total'])}**{mark} | "
                          + " | ".join(_interval(d["dimensions"].get(x)) for x in DIMENSIONS) + " |")
         if unknown:
             lines += ["", "† One seed per side and no multi-seed entry to borrow a seed variance from: the interval "
                       "holds item-sampling variance only, so it is too narrow by the unmeasured seed-to-seed "
                       "variance."]
+        if lent:
+            lines += ["", f"‡ Every {pruner} entry ran one seed: the seed variance in these intervals is the pooled "
+                      f"seed variance of {', '.join(sorted(lent))}'s multi-seed entries at this sparsity (an "
+                      "assumption: calibration seeds move both pruners' retention about as much)."]
         lines.append("")
     sp = study["spearman"].get(pruner, {}).get(key, {})
     if sp.get("sources"):

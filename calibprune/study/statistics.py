@@ -19,7 +19,8 @@ Interval of a difference of two entries' seed means, A − B:
 
 with a Student-t quantile at the Welch–Satterthwaite degrees of freedom
 ``ν = V² / (Σ (s_i²/S_i)² / (S_i − 1))`` (the item part is taken as known exactly, i.e. infinite df). An entry
-that ran one seed borrows the pooled seed variance of the multi-seed entries (and their pooled df) and says so.
+that ran one seed borrows the pooled seed variance of the multi-seed entries (and their pooled df) and says so;
+which entries lend it (the same pruner's, else an earlier pruner's at that sparsity) is :mod:`.aggregate`'s choice.
 
 Spearman ρ over sources: the point value and p are scipy's; the 95% interval is a percentile bootstrap that
 resamples sources (with replacement) and, in the same replicate, items (so measurement noise is inside it).

@@ -63,7 +63,8 @@ def _verdict_table(study: Mapping[str, Any]) -> list[str]:
              "confidence: *confirmed* when the interval lies on the claimed side of 0, *contradicted* when it lies on "
              "the other side, *inconclusive* otherwise. Differences are total-retention points (mean over seeds); "
              "their intervals hold seed-to-seed and item-sampling variance (Welch–Satterthwaite t). ρ intervals are "
-             "bootstrap over sources and items.", "",
+             "bootstrap over sources and items. The paper column holds the paper's SparseGPT figure on every row: on "
+             "the rows of another pruner the claim tested is the same sign, not that pruner's value in the paper.", "",
              "| claim | quantity | paper | this study (95% interval) | verdict |", "|---|---|---|---|---|"]
     verdicts = study.get("verdicts", {})
     if not verdicts:

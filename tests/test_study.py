@@ -186,6 +186,10 @@ def test_build_study_and_report(tmp_path):
         assert claim["verdict"] in ("confirmed", "contradicted", "inconclusive")
         assert claim["lo"] <= claim["estimate"] <= claim["hi"]
     json.dumps(study)  # serialisable
+    shuffled = dict(reversed(list(runs.items())))  # e.g. runs finished in this process after those read back
+    again = build_study(spec, dense, shuffled)
+    for part in ("verdicts", "spearman", "differences"):
+        assert json.dumps(again[part]) == json.dumps(study[part])
     text = write_report(study, tmp_path, plots=False).read_text()
     assert "## Verdict" in text and "| mix > c4 |" in text and "**confirmed**" in text
     assert text.index("| mix |") < text.index("| c4 |")  # ranked by total retention

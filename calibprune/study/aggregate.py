@@ -165,8 +165,15 @@ CLAIMS: tuple[tuple[str, str, tuple[str, ...], int, float | None], ...] = (
 
 def build_study(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]], *,
                 out_dir: str | Path | None = None) -> dict[str, Any]:
-    """The ``study.json`` content for the finished ``runs`` (see the module docstring)."""
+    """The ``study.json`` content for the finished ``runs`` (see the module docstring).
+
+    The result does not depend on the order of ``runs``: they are taken sorted by run id (the order ``runs/``
+    lists them in), since the bootstrap draws by position, so the study written when the last run finishes is
+    the one ``--report-only`` rebuilds from ``runs/``.
+    """
     from .run import read_json
+
+    runs = dict(sorted(runs.items()))
 
     study: dict[str, Any] = {"format": FORMAT, "config": dict(spec), "model_fingerprint": dense["model_fingerprint"],
                              "split": dense["split"], "eval_dtype": dense["dtype"],

@@ -205,9 +205,8 @@ def test_one_seed_pruner_borrows_the_first_pruners_seed_variance(tmp_path):
                  pruners=["sparsegpt", "wanda"], pruner_entries=["sources", "mix"],
                  variants={"igsp-nostrata": {"generator": "igsp", "options": {"strata": 1}}})
     for entry in ("c4", "gsm8k", "mbpp", "alpaca", "mix"):
-        src = runs.get(run_id(entry, 0, "sparsegpt", 0.6)) or runs[run_id("c4", 0, "sparsegpt", 0.6)]
         rid = run_id(entry, 0, "wanda", 0.6)
-        runs[rid] = {**src, "id": rid, "entry": entry, "pruner": "wanda",
+        runs[rid] = {**runs[run_id(entry, 0, "sparsegpt", 0.6)], "id": rid, "entry": entry, "pruner": "wanda",
                      "kind": "source" if entry in spec["sources"] else entry}
     study = build_study(spec, dense, runs)
     own = study["differences"]["sparsegpt"]["0.6"]["pairs"]["mix − c4"]
@@ -216,10 +215,10 @@ def test_one_seed_pruner_borrows_the_first_pruners_seed_variance(tmp_path):
     assert lent["total"]["borrowed_seed_variance"] and not lent["total"]["seed_variance_unknown"]
     assert lent["total"]["se_seed"] > 0 and lent["total"]["n_seeds"] == [1, 1]
     # the borrowed part is SparseGPT's pooled seed variance of the total, once per side
-    reps = [[study["entries"][e]["runs"]["sparsegpt"]["0.6"]["total"]["values"]]
-            for e in study["entries"] if len(study["entries"][e]["runs"]["sparsegpt"]["0.6"]["seeds"]) > 1]
-    ss = sum(np.var(v[0], ddof=1) * (len(v[0]) - 1) for v in reps)
-    df = sum(len(v[0]) - 1 for v in reps)
+    totals = [v["runs"]["sparsegpt"]["0.6"]["total"]["values"] for v in study["entries"].values()]
+    totals = [t for t in totals if len(t) > 1]
+    ss = sum(np.var(t, ddof=1) * (len(t) - 1) for t in totals)
+    df = sum(len(t) - 1 for t in totals)
     assert lent["total"]["se_seed"] == pytest.approx(np.sqrt(2 * ss / df), rel=1e-6)
     assert "seed variance borrowed from sparsegpt" in study["verdicts"]["mix > c4 [wanda 0.6]"]["quantity"]
     assert "borrowed" not in study["verdicts"]["mix > c4"]["quantity"]

@@ -299,7 +299,7 @@ def _verdicts(study: dict[str, Any], spec: Mapping[str, Any]) -> None:
                     t = d["total"]
                     if t.get("seed_variance_unknown"):
                         note = "; item-sampling variance only (one seed per side, no seed variance to borrow)"
-                    elif t.get("borrowed_seed_variance") and d.get("seed_variance_from", pruner) != pruner:
+                    elif d.get("seed_variance_from", pruner) != pruner:  # every entry one seed: borrowed
                         note = f"; one seed per side, seed variance borrowed from {d['seed_variance_from']}"
                     else:
                         note = ""

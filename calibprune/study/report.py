@@ -153,7 +153,7 @@ def _section(study: Mapping[str, Any], pruner: str, key: str) -> list[str]:
         for label, d in diffs["pairs"].items():
             seeds = "/".join(map(str, d["total"]["n_seeds"]))
             mark = "†" if d["total"].get("seed_variance_unknown") else ""
-            if d["total"].get("borrowed_seed_variance") and d.get("seed_variance_from", pruner) != pruner:
+            if d.get("seed_variance_from", pruner) != pruner:  # every entry one seed: another pruner's variance
                 mark = "‡"
                 lent.add(d["seed_variance_from"])
             unknown = unknown or mark == "†"

@@ -12,6 +12,14 @@ Environment switches (``auto`` unless set):
 * ``TORCH_CUDA_ARCH_LIST``       architectures for the CUDA build (default ``8.0;9.0+PTX``: sm_80 and sm_90 code,
   plus sm_90 PTX that newer GPUs compile at load).
 * ``CALIBPRUNE_PTXAS_VERBOSE=1`` pass ``-Xptxas=-v`` (registers, spills, shared memory per kernel) to nvcc.
+* ``CALIBPRUNE_DEBUG_SYMBOLS=1`` keep the host compiler's debug information. By default ``-g0`` overrides the
+  ``-g`` that Python's own ``CFLAGS`` add: with it, the C++ extension was a 20.7 MB shared object.
+
+The Triton kernels live in the repository's top-level ``kernels/`` folder, which has no ``__init__.py``: it is
+never a regular top-level package, so a checkout on ``sys.path`` cannot shadow an installed distribution named
+``kernels`` (Hugging Face's, which transformers >= 5.25 imports). ``calibprune/kernels`` is a symbolic link to that
+folder, so ``calibprune.kernels`` is a namespace subpackage of ``calibprune`` both in an editable install and in
+the wheel (where the files are copied in).
 
 The C++ standard is not set here: torch's ``BuildExtension`` adds the one its headers need (C++20 from torch 2.13;
 hard-coding C++17 broke the build on torch >= 2.14). Torch must already be installed (``pip install
@@ -41,6 +49,10 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 STATUS_NAME = "_build_status.json"
+
+
+def _host_debug_flags() -> list[str]:
+    return [] if os.environ.get("CALIBPRUNE_DEBUG_SYMBOLS") == "1" else ["-g0"]
 
 
 def _switch(name: str) -> str:
@@ -122,7 +134,8 @@ def _extensions() -> tuple[list, type[build_ext], dict]:
     if cpp_switch == "0":
         status["calibprune._cpp"] = {"status": "skipped", "reason": "CALIBPRUNE_BUILD_CPP=0"}
     elif cpp_sources:
-        exts.append(cpp_extension.CppExtension("calibprune._cpp", cpp_sources, extra_compile_args=list(CXX_FLAGS),
+        exts.append(cpp_extension.CppExtension("calibprune._cpp", cpp_sources,
+                                               extra_compile_args=CXX_FLAGS + _host_debug_flags(),
                                                extra_link_args=["-fopenmp"]))
         if cpp_switch == "1":
             forced.add("calibprune._cpp")
@@ -138,7 +151,8 @@ def _extensions() -> tuple[list, type[build_ext], dict]:
         if os.environ.get("CALIBPRUNE_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         exts.append(cpp_extension.CUDAExtension("calibprune._cuda", cuda_sources,
-                                                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
+                                                extra_compile_args={"cxx": ["-O3", *_host_debug_flags()],
+                                                                    "nvcc": nvcc}))
         status["cuda_arch_list"] = os.environ["TORCH_CUDA_ARCH_LIST"]
         if cuda_switch == "1":
             forced.add("calibprune._cuda")
@@ -155,7 +169,6 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
     ext_modules, build_ext_cls, _status = _extensions()
     setup(
         packages=find_packages(include=["calibprune", "calibprune.*"]) + ["calibprune.kernels"],
-        package_dir={"calibprune.kernels": "kernels"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext_cls},
     )

@@ -81,7 +81,7 @@ def _use_partial_sums(parts: int) -> None:
     """SparseGPT's Hessian from ``parts`` contiguous shards combined as Σ_r (n_r/N)·H_r, in one process."""
     from calibprune.ops import hessian_update
     from calibprune.pruning import registry
-    from calibprune.pruning.sparsegpt import SparseGPTMethod
+    from calibprune.pruning.methods.sparsegpt import SparseGPTMethod
 
     class PartialSums(SparseGPTMethod):
         def start_layer(self, index, modules, device):
@@ -102,7 +102,7 @@ def _use_partial_sums(parts: int) -> None:
                     for x in part:
                         n = hessian_update(Hr, x, n, backend="torch")
                     H = Hr * (n / total) if H is None else H.add_(Hr * (n / total))
-                self.H[group], self.nsamples[group] = H, total
+                self.hessian.values[group], self.hessian.counts[group] = H, total
             self.shards = {}
 
     registry.METHODS["sparsegpt"] = PartialSums

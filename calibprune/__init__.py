@@ -7,13 +7,12 @@ Importing calibprune does not initialise CUDA and never fails for lack of a nati
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import ops  # noqa: E402
-from .calibration import CalibrationSet, build_calibration, igsp, list_sources, load_texts, self_cal, sgs  # noqa: E402
-from .evaluation import evaluate, perplexity, retention, wikitext2_perplexity  # noqa: E402
-from .models import load_model, load_tokenizer  # noqa: E402
-from .pruning import (  # noqa: E402
+from . import ops
+from ._version import __version__
+from .calibration import CalibrationSet, build_calibration, igsp, list_sources, load_texts, self_cal, sgs
+from .evaluation import evaluate, perplexity, retention, wikitext2_perplexity
+from .models import load_model, load_tokenizer
+from .pruning import (
     MagnitudeConfig,
     PruneConfig,
     PruneReport,
@@ -27,7 +26,7 @@ from .pruning import (  # noqa: E402
     prune_sparsegpt_reference,
     prune_wanda,
 )
-from .save import save_pruned  # noqa: E402
+from .save import save_pruned
 
 __all__ = [
     "__version__",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -154,7 +153,7 @@ def _format_sparsity(value: float | tuple[float, ...]) -> str:
 
 def _preflight_config(config) -> None:
     """What the config asks of this machine (device, op backends), checked before the model loads."""
-    from .pruning.pipeline import resolve_device
+    from .pruning.device import resolve_device
     from .pruning.registry import METHODS, REFINERS
 
     try:
@@ -192,7 +191,7 @@ def _prune_and_save(args: argparse.Namespace, ctx) -> int:
     from .models import checkpoint_folder, load_model, load_tokenizer, parse_dtype, resolve_model_path
     from .pruning import check_request
     from .pruning.cli_options import config_from_args
-    from .pruning.pipeline import resolve_device
+    from .pruning.device import resolve_device
     from .pruning.streaming import load_streamed, prune_and_save
     from .save import check_output_dir
 
@@ -297,27 +296,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                data_dir=args.data_dir)
     print(f"{args.model}: WikiText-2 perplexity {ppl:.3f} ({args.eval_windows} windows of {args.eval_seqlen} tokens)")
     return 0
-
-
-def _dotted_options(items: list[str], flag: str) -> dict[str, dict]:
-    """``["igsp.pool_factor=3", "sgs.source=c4"]`` -> ``{"igsp": {"pool_factor": 3}, "sgs": {"source": "c4"}}``.
-
-    Values are read as JSON when they parse (numbers, true/false, lists), else kept as strings.
-    """
-    import json
-
-    out: dict[str, dict] = {}
-    for item in items:
-        m = re.fullmatch(r"([a-z0-9_-]+)\.([a-z_]+)=(.*)", item)
-        if not m:
-            raise ValueError(f"{flag} takes NAME.KEY=VALUE (e.g. igsp.pool_factor=3), got {item!r}")
-        gen, key, raw = m.groups()
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(gen, {})[key] = value
-    return out
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from calibprune.models import model_device
 from calibprune.ops import ngram_stats
 
 __all__ = ["as_ids", "calibration_perplexity", "ngram_aggregation", "ngram_diversity", "token_entropy",
@@ -42,13 +43,6 @@ def as_ids(calib: Any) -> torch.Tensor:
     return ids.long()
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def calibration_perplexity(model: torch.nn.Module, calib: Any, *, batch_size: int = 8,
                            per_sample: bool = False) -> float | torch.Tensor:
@@ -68,7 +62,7 @@ def calibration_perplexity(model: torch.nn.Module, calib: Any, *, batch_size: in
         raise ValueError("perplexity needs rows of at least 2 tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll_sums = torch.empty(ids.shape[0], dtype=torch.float64)

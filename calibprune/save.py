@@ -145,10 +145,6 @@ def clean_stale_staging(parent: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _write_sidecar(folder: Path, sidecar: dict) -> None:
-    (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
-
-
 def _swap_in(new: Path, out: Path) -> None:
     """Rename ``new`` to ``out``; an existing ``out`` is renamed aside first and deleted only once ``new`` is
     in place, or renamed back if that fails."""
@@ -178,25 +174,14 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: Pru
     """
     out = check_output_dir(out, overwrite=overwrite)
     check_finite(model)
-    parent = Path(os.path.abspath(out)).parent
-    clean_stale_staging(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-{os.getpid()}-", dir=parent))
-    try:
-        os.chmod(tmp, normal_dir_mode())
-        model.save_pretrained(tmp, safe_serialization=True)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        sidecar = {"report": report.to_dict(), "provenance": provenance(), "command": list(sys.argv)}
-        source = source_fingerprint(model)
-        if source is not None:
-            sidecar["source_model"] = source
-        sidecar |= extra or {}
-        _write_sidecar(tmp, sidecar)
-        _swap_in(tmp, parent / out.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(folder)
+        write_sidecar(folder, sidecar_for(model, report, extra))
+
+    out = save_staged(out, fill, overwrite=overwrite)
     log.info("saved pruned model to %s", out)
     return out
 
@@ -213,7 +198,7 @@ def sidecar_for(model: nn.Module, report: PruneReport, extra: dict | None = None
 
 def write_sidecar(folder: str | os.PathLike, sidecar: dict) -> None:
     """Write ``calibprune.json`` into ``folder`` (a staging folder: atomicity comes from the swap)."""
-    _write_sidecar(Path(folder), sidecar)
+    (Path(folder) / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
 
 
 def save_staged(out: str | os.PathLike, fill, *, overwrite: bool = False) -> Path:

@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     """One rank: every scenario, then a failure injected on rank 1 in layer 1's prune."""
     import torch.distributed as dist
 
-    from calibprune.pruning.sparsegpt import SparseGPTMethod
+    from calibprune.pruning.methods.sparsegpt import SparseGPTMethod
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -274,15 +274,27 @@ def test_prune_flags_survive_torchrun_parser():
 
 def test_methods_without_a_reduction_are_refused():
     """A method whose statistics are not combined across ranks cannot silently prune from one shard."""
+    from calibprune.pruning.loop import _check_distributable
     from calibprune.pruning.method import LayerStatistics
-    from calibprune.pruning.pipeline import _check_distributable
+    from calibprune.pruning.statistics import ColumnNormStatistic
 
     class Local(LayerStatistics):
-        pass
+        """Collects its own state in add_batch and never combines it."""
+
+        def add_batch(self, group, x):
+            self.seen = x
+
+    class Declared(LayerStatistics):
+        """Only declared running statistics: the base class combines them."""
+
+        def __init__(self):
+            super().__init__()
+            self.statistics = (ColumnNormStatistic(),)
 
     with pytest.raises(ValueError, match="does not combine its statistics across ranks"):
         _check_distributable([Local()], torch.zeros(2, 3, dtype=torch.long))
     _check_distributable([Local()], None)  # no data, nothing to combine
+    _check_distributable([Declared()], torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_one_process_runs_no_collective():

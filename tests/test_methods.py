@@ -25,8 +25,8 @@ from calibprune.pruning import (
     load_recipe,
     select_targets,
 )
-from calibprune.pruning.dsnot import DSnoTOptions, dsnot_refine
-from calibprune.pruning.owl import owl_layer_sparsities
+from calibprune.pruning.methods.dsnot import DSnoTOptions, dsnot_refine
+from calibprune.pruning.methods.owl import owl_layer_sparsities
 
 
 def _weights(model):
@@ -74,7 +74,7 @@ def test_configs_are_validated_for_their_own_method_only():
 ])
 def test_common_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        WandaConfig(**kwargs)
+        make_config("wanda", **kwargs)
 
 
 def test_nm_sparsity_may_be_given_exactly():

@@ -91,7 +91,7 @@ def test_baselines_reach_target_sparsity(arch, method):
 
 def test_wanda_scores_each_row():
     """Wanda prunes exactly int(cols * s) weights in every output row, the lowest |W|·‖X_j‖."""
-    from calibprune.pruning.wanda import wanda_mask
+    from calibprune.pruning.methods.wanda import wanda_mask
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(7, 20, generator=g)
@@ -113,7 +113,7 @@ def test_targets_and_ignore_patterns():
 
 def test_shared_hessian_groups():
     """q/k/v share one Hessian, gate/up share one: the fused path accumulates 4 per Llama layer, not 7."""
-    from calibprune.pruning.sparsegpt import SparseGPTMethod
+    from calibprune.pruning.methods.sparsegpt import SparseGPTMethod
 
     calls = []
 
@@ -122,9 +122,9 @@ def test_shared_hessian_groups():
             calls.append(leader)
             super().add_batch(leader, x)
 
-    from calibprune.pruning.pipeline import prune_layerwise
+    from calibprune.pruning.loop import prune_layerwise
+    from calibprune.pruning.methods.sparsegpt import SparseGPTConfig
     from calibprune.pruning.report import PruneReport
-    from calibprune.pruning.sparsegpt import SparseGPTConfig
 
     model = tiny_model("llama")
     config = SparseGPTConfig(sparsity=0.5, batch_size=4, backend="torch")

@@ -71,7 +71,7 @@ def _argv(setup: dict, out: Path) -> list[str]:
 # The child slows every module's prune so that a kill lands inside a layer, after at least one finished layer.
 _CHILD = textwrap.dedent("""
     import sys, time
-    from calibprune.pruning.sparsegpt import SparseGPTMethod
+    from calibprune.pruning.methods.sparsegpt import SparseGPTMethod
     original = SparseGPTMethod.prune_module
     def slow(self, *args, **kwargs):
         time.sleep(0.25)
@@ -171,7 +171,7 @@ def test_resume_refuses_another_request(setup, tmp_path, monkeypatch):
                        make_config("sparsegpt", sparsity=0.6, sparsity_profile="owl",
                                    profile_options={"lmbda": 0.05}, resume=True), out, progress=False)
 
-    import calibprune.pruning.owl as owl
+    import calibprune.pruning.methods.owl as owl
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("a resumed OWL run must take its layer sparsities from the work folder")
@@ -199,7 +199,7 @@ def test_resume_without_an_output_is_an_error():
 def test_kill_while_assembling_resumes_without_recomputing(setup, tmp_path, monkeypatch):
     """Killed after the last layer was saved (while the checkpoint is assembled): the staging folder is not a
     finished output, and the resumed run only assembles — no forward runs again."""
-    import calibprune.pruning.pipeline as pipeline
+    import calibprune.pruning.loop as loop
     import calibprune.pruning.streaming as streaming
 
     ids = random_ids(4, 16, seed=7, vocab=VOCAB)
@@ -220,8 +220,8 @@ def test_kill_while_assembling_resumes_without_recomputing(setup, tmp_path, monk
         raise AssertionError("every layer was finished: nothing needs to run through the model again")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "_capture", no_forward)
-        m.setattr(pipeline, "_layer_forward", no_forward)
+        m.setattr(loop, "_capture", no_forward)
+        m.setattr(loop, "_layer_forward", no_forward)
         prune_and_save(setup["model"], ids, make_config("wanda", sparsity=0.5, report_errors=False, resume=True), out,
                        progress=False)
     prune_and_save(setup["model"], ids, config, tmp_path / "whole", progress=False)

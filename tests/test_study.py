@@ -18,7 +18,7 @@ from test_evaluation import HAS_DATA, byte_tokenizer
 
 from calibprune.study import build_study, plan_runs, plan_study, spearman_table, write_report
 from calibprune.study.plan import resolve_seeded, run_id, unresolved_runs
-from calibprune.study.run import compact_record, expand_record
+from calibprune.study.records import compact_record, expand_record
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="offline data not found (set CALIBPRUNE_DATA_DIR)")
 

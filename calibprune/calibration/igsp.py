@@ -153,12 +153,6 @@ def _equal_split(total: int, names: Sequence[Hashable]) -> dict[Hashable, int]:
     return {name: base + (1 if k < extra else 0) for k, name in enumerate(names)}
 
 
-def _equal_split(total: int, names: Sequence[Hashable]) -> dict[Hashable, int]:
-    """``total`` split as evenly as possible, the remainder going to the first names."""
-    base, extra = divmod(total, len(names))
-    return {name: base + (1 if k < extra else 0) for k, name in enumerate(names)}
-
-
 def _quotas(n: int, dimensions: list[str], include_bos: bool, bos_share: float | None) -> dict[str, int]:
     groups = dimensions + ([BOS_GROUP] if include_bos else [])
     if bos_share is None or not include_bos:

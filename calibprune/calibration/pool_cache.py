@@ -1,5 +1,7 @@
 """On-disk cache of generated calibration pools, keyed by model identity, generator settings and seed.
 
+The identity is :func:`calibprune.fingerprint.model_identity`.
+
 A pool is what a generator drew from the model before any filtering or selection (token ids plus per-sample
 labels and perplexities), so a second ``self_cal`` / ``sgs`` / ``igsp`` call with the same model, settings and seed
 loads it instead of generating again. Files are written atomically (temporary file in the same folder, fsync, then
@@ -19,42 +21,15 @@ import torch
 
 from .._io import atomic_write
 
-__all__ = ["default_pool_dir", "model_identity", "pool_key", "pool_path", "load_pool", "save_pool"]
+__all__ = ["default_pool_dir", "pool_key", "pool_path", "load_pool", "save_pool"]
 
 log = logging.getLogger(__name__)
-
-# Parameters sampled for the weight checksum: first, middle and last tensor, up to this many elements each.
-_CHECKSUM_ELEMENTS = 4096
-
 
 def default_pool_dir() -> Path:
     """``$CALIBPRUNE_CACHE/pools`` (``~/.cache/calibprune/pools`` when the variable is unset)."""
     from calibprune.models import cache_root
 
     return cache_root() / "pools"
-
-
-def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """``{"name_or_path", "weights_sha256", "n_params"}``: what a pool depends on besides the generator settings.
-
-    The checksum covers the first, middle and last parameter tensors (name, shape, dtype and up to
-    ``_CHECKSUM_ELEMENTS`` evenly strided values, read in fp64), so two checkpoints that share a name but differ in
-    weights (e.g. a pruned copy, another seed of a tiny test model) get different keys without hashing every weight.
-    """
-    config = getattr(model, "config", None)
-    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or type(model).__name__
-    params = list(model.named_parameters())
-    digest = hashlib.sha256()
-    if params:
-        for k in sorted({0, len(params) // 2, len(params) - 1}):
-            pname, p = params[k]
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // _CHECKSUM_ELEMENTS)
-            sample = flat[::step][:_CHECKSUM_ELEMENTS].to("cpu", torch.float64).contiguous()
-            digest.update(f"{pname}|{tuple(p.shape)}|{p.dtype}|".encode())
-            digest.update(sample.numpy().tobytes())
-    return {"name_or_path": str(name), "weights_sha256": digest.hexdigest(),
-            "n_params": int(sum(p.numel() for _, p in params))}
 
 
 def pool_key(identity: dict[str, Any], settings: dict[str, Any]) -> str:

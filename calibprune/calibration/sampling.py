@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..fingerprint import model_identity
+from ..models import model_device
 from .pool_cache import load_pool, pool_key, pool_path
 
 __all__ = ["POOL_FORMAT", "SamplingSettings", "ScheduledTemperature", "generate_fixed_length", "start_token_id"]
@@ -101,13 +102,6 @@ def start_token_id(tokenizer: Any) -> tuple[int, bool]:
     return int(bos), False
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def derived_seed(seed: int, *tags: Any) -> int:
     """A 63-bit seed for one batch: independent streams per (seed, tags), stable across runs and platforms."""
     digest = hashlib.sha256(repr((int(seed),) + tags).encode()).digest()
@@ -129,7 +123,7 @@ def sample(model: torch.nn.Module, prompts: torch.Tensor, *, sampling: SamplingS
     from transformers import GenerationConfig
     from transformers.generation import LogitsProcessorList
 
-    device = _model_device(model)
+    device = model_device(model)
     prompt_len = prompts.shape[1]
     processors = LogitsProcessorList()
     if not sampling.t_init == sampling.t_final == 1.0:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,19 @@ def render_lm_eval_task(name: str, docs: list[dict[str, Any]], out_dir: str | os
             "    gsm8k_process_results, humaneval_process_results, math_process_results, mbpp_process_results,\n"
             ")\n", encoding="utf-8")
     return path
+
+
+def data_revision(names: Iterable[str], data_dir: Path | None) -> str | None:
+    """sha256[:16] of the offline files' contents the selected benchmarks read."""
+    if data_dir is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(names):
+        for rel in BENCHMARKS[name].files:
+            path = data_dir / rel
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for f in files:
+                if f.is_file():
+                    h.update(str(f.relative_to(data_dir)).encode())
+                    h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]

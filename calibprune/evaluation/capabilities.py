@@ -65,7 +65,7 @@ from torch import nn
 from .._io import atomic_write_text
 from ..calibration.sources import DATA_DIR_ENV, resolve_data_dir
 from ..fingerprint import model_fingerprint
-from .benchmarks import BENCHMARKS, DIMENSIONS, Benchmark, load_docs, render_lm_eval_task
+from .benchmarks import BENCHMARKS, DIMENSIONS, Benchmark, data_revision, load_docs, render_lm_eval_task
 from .perplexity import load_wikitext2_test, perplexity
 from .proxies import solution_nll
 
@@ -293,22 +293,6 @@ def resolve_plan(suite: str = "lite", *, limit: int | None = None, benchmarks: I
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _data_revision(names: Iterable[str], data_dir: Path | None) -> str | None:
-    """sha256[:16] of the offline files' contents the selected benchmarks read."""
-    if data_dir is None:
-        return None
-    h = hashlib.sha256()
-    for name in sorted(names):
-        for rel in BENCHMARKS[name].files:
-            path = data_dir / rel
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for f in files:
-                if f.is_file():
-                    h.update(str(f.relative_to(data_dir)).encode())
-                    h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 def _lm_eval_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -463,7 +447,7 @@ def evaluate(model: nn.Module, tokenizer, suite: str = "lite", *, limit: int | N
         "suite": suite, "offline": offline, "limit": limit, "max_length": max_length,
         "benchmarks": plan["options"],
         "data_dir": str(plan["data_dir"]) if plan["data_dir"] is not None else None,
-        "data_revision": _data_revision(names, plan["data_dir"]),
+        "data_revision": data_revision(names, plan["data_dir"]),
     }
     cache_path = None
     if cache_dir is not None:

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import model_device
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Request", "RequestScore", "encode_request", "score_requests", "score_requests_naive"]
@@ -87,14 +89,10 @@ def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     return logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score_requests_naive(model: nn.Module, requests: Sequence[Request]) -> list[RequestScore]:
     """Reference: one forward per request over ``context + continuation``, full logits."""
-    device = _model_device(model)
+    device = model_device(model)
     out = []
     for req in requests:
         ids = torch.tensor([req.context + req.continuation], dtype=torch.int64, device=device)
@@ -196,7 +194,7 @@ def score_requests(model: nn.Module, requests: Sequence[Request], items: Sequenc
         raise ValueError("items must cover every request index exactly once")
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    device = _model_device(model)
+    device = model_device(model)
     head_only = _head_only_supported(model)
     rows = sorted((_pack(requests, group) for group in items), key=lambda r: -len(r.ids))
     loglik = [0.0] * len(requests)

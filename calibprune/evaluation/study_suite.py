@@ -56,7 +56,7 @@ from torch import nn
 from .._io import atomic_write_text
 from ..calibration.sources import DATA_DIR_ENV, resolve_data_dir
 from ..fingerprint import model_fingerprint
-from .benchmarks import BENCHMARKS, load_docs
+from .benchmarks import BENCHMARKS, data_revision, load_docs
 from .perplexity import load_wikitext2_test
 from .scoring import Request, encode_request, score_requests
 
@@ -285,9 +285,7 @@ def summarise_items(record: Mapping[str, Any], bench: SuiteBenchmark) -> dict[st
 
 
 def _data_revision(bench: SuiteBenchmark, data_dir: Path | None) -> str:
-    from .capabilities import _data_revision as revision
-
-    return revision([bench.name], data_dir) or "none"
+    return data_revision([bench.name], data_dir) or "none"
 
 
 def _cache_path(cache_dir: Path, fingerprint: str, bench: SuiteBenchmark, split: str, key: Mapping[str, Any]) -> Path:

@@ -1,24 +1,40 @@
-"""Layer-wise pruning: one pipeline, one registry of methods, profiles and refiners, one report.
+"""Layer-wise pruning: one layer loop, one registry of methods, profiles and refiners, one report.
 
 ``prune(model, calib, config)`` is the generic entry; ``config`` is a method's typed config from the registry
 (``SparseGPTConfig``, ``WandaConfig``, ``MagnitudeConfig``…, or ``make_config(name, ...)``). The
 ``prune_sparsegpt_fused`` / ``prune_sparsegpt_reference`` / ``prune_wanda`` / ``prune_magnitude`` functions are thin
 wrappers that build the config and call it.
+
+Floors, from the ground up: ``config``, ``report``, ``masks``, ``anatomy`` (where the layers and targets are),
+``device``, ``distributed``, ``statistics`` (the running statistics and their lifecycle), ``method`` (the protocol),
+``activations``, ``checkpoint``, ``loop`` (the layer loop), ``methods/`` (one file per method, profile and
+refiner), ``registry``, ``api`` (the door: ``prune``, ``check_request``, ``make_config``, the wrappers), then
+``streaming``, ``recipe`` and ``cli_options``.
 """
 from __future__ import annotations
 
+from .anatomy import find_decoder_layers, select_targets
+from .api import (
+    check_request,
+    make_config,
+    prune,
+    prune_magnitude,
+    prune_sparsegpt_fused,
+    prune_sparsegpt_reference,
+    prune_wanda,
+)
 from .config import PruneConfig, parse_pattern
-from .dsnot import DSnoTOptions
-from .magnitude import MagnitudeConfig, prune_magnitude
+from .loop import capture_layer_inputs, prune_layerwise
 from .method import MaskRefiner, ModuleResult, PruningMethod, SparsityProfile
-from .owl import OWLOptions
-from .pipeline import capture_layer_inputs, check_request, find_decoder_layers, prune, prune_layerwise, select_targets
+from .methods.dsnot import DSnoTOptions
+from .methods.magnitude import MagnitudeConfig
+from .methods.owl import OWLOptions
+from .methods.sparsegpt import SparseGPTConfig, SparseGPTReferenceConfig
+from .methods.wanda import WandaConfig
 from .recipe import load_recipe
-from .registry import CONFIGS, METHODS, PROFILES, REFINERS, make_config
+from .registry import CONFIGS, METHODS, PROFILES, REFINERS
 from .report import ModuleRecord, PruneReport
-from .sparsegpt import SparseGPTConfig, SparseGPTReferenceConfig, prune_sparsegpt_fused, prune_sparsegpt_reference
 from .streaming import load_streamed, prune_and_save
-from .wanda import WandaConfig, prune_wanda
 
 __all__ = [
     "prune", "check_request", "make_config", "load_recipe", "PruneConfig", "SparseGPTConfig",

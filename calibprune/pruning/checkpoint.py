@@ -30,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .._io import atomic_write_text
+from .anatomy import find_decoder_layers
 from .distributed import DistContext, broadcast_tensors, sync_phase
 from .report import ModuleRecord
 
@@ -153,7 +154,6 @@ class LayerCheckpoint:
 
     def __init__(self, folder: str | os.PathLike, key: dict, model: nn.Module, *, resume: bool,
                  ctx: DistContext | None = None):
-        from .pipeline import find_decoder_layers
 
         self.folder = Path(folder)
         self.model = model

@@ -13,9 +13,10 @@ import re
 from typing import Any
 
 from ..ops._backend import BACKENDS
+from .api import make_config
 from .config import NUMERICS, PruneConfig, option_fields
 from .recipe import load_recipe
-from .registry import CONFIGS, PROFILES, REFINERS, make_config
+from .registry import CONFIGS, PROFILES, REFINERS
 
 __all__ = ["add_prune_options", "config_from_args"]
 

@@ -2,14 +2,16 @@
 
 Each method's config (``SparseGPTConfig``, ``WandaConfig``, ``MagnitudeConfig``, …) adds its own knobs to
 :class:`PruneConfig` and is validated for that method only, in ``__post_init__``: an N:M pattern only constrains
-SparseGPT's ``blocksize``, because only SparseGPT has blocks. Sparsity profiles (OWL) and mask refiners (DSnoT) carry
-their own typed option dataclasses, looked up by name in :mod:`calibprune.pruning.registry`.
+SparseGPT's ``blocksize``, because only SparseGPT has blocks. A config validates its own fields only: the names of a
+sparsity profile (OWL) or a mask refiner (DSnoT) and their typed options are resolved by the registry
+(:func:`calibprune.pruning.registry.resolve_options`, which :func:`~calibprune.pruning.make_config` and
+:func:`~calibprune.pruning.prune` call before any weight changes).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,29 +46,6 @@ def option_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 
 
-def _typed_options(kind: str, name: str | None, table: Mapping[str, Any], options: Any) -> Any:
-    """Turn ``options`` (None, a dict or the typed dataclass) into ``table[name]``'s typed options, or None."""
-    if name is None:
-        if options:
-            raise ValueError(f"{kind}_options given without a {kind}")
-        return None
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
-    options_cls = table[name].options_class
-    if options is None:
-        return options_cls()
-    if isinstance(options, options_cls):
-        return options
-    if not isinstance(options, Mapping):
-        raise TypeError(f"{kind}_options for {name!r} must be a dict or {options_cls.__name__}, "
-                        f"got {type(options).__name__}")
-    known = {f.name for f in option_fields(options_cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {kind} {name!r}; known: {sorted(known)}")
-    return options_cls(**options)
-
-
 @dataclass(kw_only=True)
 class PruneConfig:
     """What every method shares: how much to prune, where, and how the layer-wise pipeline runs.
@@ -80,7 +59,8 @@ class PruneConfig:
         pattern: "unstructured" or "N:M" (e.g. "2:4"; N:M needs M to divide every target's input width).
         sparsity_profile: "uniform" (the same sparsity in every layer) or a registered profile such as "owl"
             (per-layer sparsities from the calibration data, parameter-weighted mean = sparsity).
-        profile_options: the profile's options (a dict or its typed dataclass, e.g. OWL's m and lmbda).
+        profile_options: the profile's options (a dict or its typed dataclass, e.g. OWL's m and lmbda; turned into
+            the typed dataclass by the registry).
         refine: None, or a registered mask refiner such as "dsnot" applied to every pruned matrix.
         refine_options: the refiner's options (a dict or its typed dataclass).
         numerics: "reference" (bitwise the authors' arithmetic) or "fast" (bf16 calibration forwards where the
@@ -119,8 +99,6 @@ class PruneConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        from .registry import PROFILES, REFINERS
-
         if type(self) is PruneConfig:
             raise TypeError("PruneConfig is the common base; use a method's config (SparseGPTConfig, WandaConfig, "
                             "MagnitudeConfig) or make_config(method, ...)")
@@ -146,19 +124,20 @@ class PruneConfig:
             self.sparsity = implied
         elif any(not 0.0 < v < 1.0 for v in values):
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if not isinstance(self.sparsity_profile, str) or not self.sparsity_profile:
+            raise ValueError(f"sparsity_profile must be 'uniform' or a profile's name, got {self.sparsity_profile!r}")
         if self.sparsity_profile != "uniform":
-            if self.sparsity_profile not in PROFILES:
-                raise ValueError(f"unknown sparsity_profile {self.sparsity_profile!r}; choose one of "
-                                 f"{['uniform', *sorted(PROFILES)]}")
             if self.prune_n:
                 raise ValueError(f"sparsity_profile={self.sparsity_profile!r} sets per-layer sparsities; an N:M "
                                  f"pattern ({self.pattern}) fixes every layer's sparsity")
             if isinstance(self.sparsity, tuple):
                 raise ValueError("give either per-layer sparsities or a sparsity_profile, not both")
-        self.profile_options = _typed_options(
-            "profile", None if self.sparsity_profile == "uniform" else self.sparsity_profile, PROFILES,
-            self.profile_options)
-        self.refine_options = _typed_options("refine", self.refine, REFINERS, self.refine_options)
+        if self.sparsity_profile == "uniform" and self.profile_options:
+            raise ValueError("profile_options given without a profile")
+        if self.refine is None and self.refine_options:
+            raise ValueError("refine_options given without a refine")
+        if self.refine is not None and (not isinstance(self.refine, str) or not self.refine):
+            raise ValueError(f"refine must be None or a refiner's name, got {self.refine!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.activations not in ACTIVATION_STORES:

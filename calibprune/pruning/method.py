@@ -1,6 +1,6 @@
-"""The interface a pruning method implements; :func:`calibprune.pruning.pipeline.prune_layerwise` drives it.
+"""The interface a pruning method implements; :func:`calibprune.pruning.loop.prune_layerwise` drives it.
 
-Per decoder layer the pipeline calls, in order::
+Per decoder layer the layer loop calls, in order::
 
     start_layer(index, modules, device)
     add_batch(group, x)            for every calibration batch and every input group of the layer
@@ -9,13 +9,15 @@ Per decoder layer the pipeline calls, in order::
     end_layer(index)
 
 A *group* is the modules that read the very same input tensor (q/k/v, gate/up); it is named after its first
-module and, when ``share_inputs`` is set, shares one statistic. A method reports sub-phase timings in
-``timings`` and the op backends it really ran in ``resolved_backends``; the pipeline copies both into the report.
+module and, when ``share_inputs`` is set, shares one statistic. A method declares its running statistics
+(:mod:`calibprune.pruning.statistics`) in ``statistics``, and the first four calls are implemented here, once, over
+them: a method adds only its math (``prune_module``). A method reports sub-phase timings in ``timings`` and the op
+backends it really ran in ``resolved_backends``; the loop copies both into the report.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
+from .statistics import RunningStatistic
 
-__all__ = ["LayerStatistics", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult", "reconstruction_error"]
+__all__ = ["LayerStatistics", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult"]
 
 
 @dataclass
@@ -46,31 +49,50 @@ class ModuleResult:
 class LayerStatistics:
     """Per-layer calibration statistics: what a pruning method and a mask refiner both collect.
 
-    ``timings`` (sub-phase seconds) and ``resolved_backends`` (op → backend really run) are declared here and
-    copied into the report by the pipeline. ``reducer``: in a process group, the
-    :class:`~calibprune.pruning.distributed.StatisticsReducer` that ``finalize_statistics`` combines the ranks'
-    statistics with (set by the pipeline for each layer; None in one process).
+    ``statistics``: the running statistics this collects (set in ``__init__``); the lifecycle below folds every
+    batch into each of them in order, combines them across ranks and resets them. ``timings`` (sub-phase seconds)
+    and ``resolved_backends`` (op → backend really run) are copied into the report by the loop. ``reducer``: in a
+    process group, the :class:`~calibprune.pruning.distributed.StatisticsReducer` that ``finalize_statistics``
+    combines the ranks' statistics with (set by the loop for each layer; None in one process).
     """
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.resolved_backends: dict[str, str] = {}
         self.reducer: Any = None
+        self.statistics: Sequence[RunningStatistic] = ()
+
+    @property
+    def combines_statistics(self) -> bool:
+        """Whether a process group may run this: every batch goes into declared statistics (which the base class
+        combines), or the class combines what it collects in its own ``finalize_statistics``."""
+        cls = type(self)
+        return (cls.add_batch is LayerStatistics.add_batch
+                or cls.finalize_statistics is not LayerStatistics.finalize_statistics)
 
     def resolve(self, device: torch.device) -> None:
         """Check, before any work, that this can run on ``device``; fill ``resolved_backends``."""
 
     def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
         """Reset per-layer state before the statistics forwards of decoder layer ``index``."""
+        for statistic in self.statistics:
+            statistic.reset()
 
     def add_batch(self, group: str, x: torch.Tensor) -> None:
-        """Fold the input ``x: [b, t, in]`` of the modules of ``group`` into that group's statistic."""
+        """Fold the input ``x: [b, t, in]`` of the modules of ``group`` into each statistic, in order."""
+        for statistic in self.statistics:
+            with self.timed(statistic.timing):
+                statistic.add(group, x, self.reducer)
 
     def finalize_statistics(self, index: int) -> None:
-        """After the layer's last batch and before any pruning (a distributed run all-reduces here)."""
+        """After the layer's last batch and before any pruning (a distributed run combines the ranks here)."""
+        for statistic in self.statistics:
+            statistic.finalize(self.reducer)
 
     def end_layer(self, index: int) -> None:
         """Free the layer's statistics."""
+        for statistic in self.statistics:
+            statistic.reset()
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -139,18 +161,3 @@ class SparsityProfile:
                          progress: bool = True) -> tuple[list[float], dict]:
         """One sparsity per decoder layer (parameter-weighted mean = ``config.sparsity``) and report details."""
         raise NotImplementedError
-
-
-def reconstruction_error(W_old: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
-                         seqlen: int) -> tuple[float, float | None]:
-    """Mean per-token ‖(W − Ŵ)x‖² (summed over output rows) and its ratio to the same quantity for W.
-
-    ``H: [cols, cols]`` fp32 is the running-average Hessian (2/n)·Σ x xᵀ over n sequences of ``seqlen`` tokens, so
-    tr(ΔW·H·ΔWᵀ)/(2·seqlen) is the mean over calibration tokens. ``W_old, W_new: [rows, cols]`` fp32. Both terms
-    come from one GEMM of the stacked ``[ΔW; W]`` with H.
-    """
-    stacked = torch.cat((W_old - W_new, W_old))
-    per_row = (stacked @ H).mul_(stacked).sum(1)
-    rows = W_old.shape[0]
-    err, base = float(per_row[:rows].sum()) / (2 * seqlen), float(per_row[rows:].sum()) / (2 * seqlen)
-    return err, (err / base if base > 0 else None)

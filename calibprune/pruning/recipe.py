@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .api import make_config
 from .config import PruneConfig
-from .registry import make_config
 
 log = logging.getLogger(__name__)
 

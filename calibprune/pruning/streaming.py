@@ -36,11 +36,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._version import __version__
 from ..calibration import CalibrationSet, as_token_ids
+from .anatomy import LAYER_LOADER, find_decoder_layers
+from .api import prune
 from .checkpoint import LayerCheckpoint, partial_dir, saved_names, saved_state, write_safetensors
 from .config import PruneConfig
+from .device import resolve_device
 from .distributed import current_context, sync_phase
-from .pipeline import LAYER_LOADER, find_decoder_layers, prune, resolve_device
 from .report import PruneReport
 
 log = logging.getLogger(__name__)
@@ -242,7 +245,6 @@ def _model_fingerprint(model: nn.Module) -> dict:
 
 
 def _resume_key(model: nn.Module, ids: torch.Tensor | None, config: PruneConfig, world: int) -> dict:
-    from .. import __version__
     from ..calibration.calibration_set import ids_sha256
 
     settings = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_FIELDS}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from .aggregate import METRICS, build_study
 from .plan import CONSTRUCTED, PAPER, TARGETS, StudySpec, plan_runs, plan_study
+from .records import load_runs
 from .report import write_report
-from .run import load_runs, run_study
+from .run import run_study
 from .statistics import spearman_table
 
 __all__ = ["CONSTRUCTED", "METRICS", "PAPER", "TARGETS", "StudySpec", "build_study", "load_runs", "plan_runs",

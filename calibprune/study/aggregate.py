@@ -29,6 +29,7 @@ import numpy as np
 from ..evaluation.study_suite import near_chance, resolve_suite, score_retention, score_value
 from ..provenance import provenance
 from .plan import FORMAT, PAPER, TARGETS
+from .records import expand_record, read_json
 from .statistics import (
     Replicates,
     diff_interval,
@@ -73,8 +74,6 @@ def _suite(spec: Mapping[str, Any]):
 def run_retentions(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]], *,
                    n_boot: int, seed: int = 0) -> Replicates:
     """Paired replicates of the given runs' retentions (all on the dense model's items)."""
-    from .run import expand_record
-
     suite = _suite(spec)
     dense_recs = {b: dense["benchmarks"][b] for b in suite}
     run_recs = {rid: {b: expand_record(r["benchmarks"][b], dense_recs[b]) for b in suite} for rid, r in runs.items()}
@@ -107,8 +106,6 @@ def _dense_table(spec: Mapping[str, Any], dense: Mapping[str, Any]) -> dict[str,
 
 def _secondary(spec, dense, runs_for_entry) -> dict[str, dict[str, float]]:
     """Per benchmark, the seed-mean retention of every reported score (not only the primary one)."""
-    from .run import expand_record
-
     out: dict[str, dict[str, float]] = {}
     for name, bench in _suite(spec).items():
         d = dense["benchmarks"][name]
@@ -171,8 +168,6 @@ def build_study(spec: Mapping[str, Any], dense: Mapping[str, Any], runs: Mapping
     lists them in), since the bootstrap draws by position, so the study written when the last run finishes is
     the one ``--report-only`` rebuilds from ``runs/``.
     """
-    from .run import read_json
-
     runs = dict(sorted(runs.items()))
 
     study: dict[str, Any] = {"format": FORMAT, "config": dict(spec), "model_fingerprint": dense["model_fingerprint"],

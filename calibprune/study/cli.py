@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,22 @@ __all__ = ["add_study_arguments", "cmd_study", "study_settings"]
 
 
 def _dotted(items: list[str], flag: str) -> dict[str, dict[str, Any]]:
-    """``["igsp.pool_factor=3", ...]`` -> ``{"igsp": {"pool_factor": 3}}`` (values parsed as JSON when they can be)."""
-    from ..cli import _dotted_options
+    """``["igsp.pool_factor=3", "sgs.source=c4"]`` -> ``{"igsp": {"pool_factor": 3}, "sgs": {"source": "c4"}}``.
 
-    return _dotted_options(items, flag)
+    Values are read as JSON when they parse (numbers, true/false, lists), else kept as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        m = re.fullmatch(r"([a-z0-9_-]+)\.([a-z_]+)=(.*)", item)
+        if not m:
+            raise ValueError(f"{flag} takes NAME.KEY=VALUE (e.g. igsp.pool_factor=3), got {item!r}")
+        gen, key, raw = m.groups()
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(gen, {})[key] = value
+    return out
 
 
 def _variants(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -87,7 +101,8 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from . import load_runs, plan_study, run_study, write_report
-    from .run import summarise_study, write_json
+    from .records import write_json
+    from .run import summarise_study
 
     settings = study_settings(args)
     if args.report_only:

@@ -229,7 +229,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
 def resolve_study_device(device: str | None) -> str:
     """``device`` checked before any work (a CUDA device torch cannot see is a ``ValueError``), or the default:
     ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
-    from ..pruning.pipeline import check_device
+    from ..pruning.device import check_device
 
     try:
         return str(check_device(device))

@@ -1,45 +1,42 @@
-"""The layer-wise pipeline every method shares, and the generic entry :func:`prune`.
+"""The layer loop every method shares: :func:`prune_layerwise`.
 
-1. Check the whole request against the model before any work (targets, N:M widths, per-layer sparsities, device,
-   backends, token ids).
-2. Resolve each decoder layer's sparsity (uniform, a per-layer list, or a registered profile such as OWL).
-3. Capture the inputs of the first decoder layer, with every keyword it receives (attention mask, position ids,
+1. Capture the inputs of the first decoder layer, with every keyword it receives (attention mask, position ids,
    rotary ``position_embeddings``, …), by a forward pre-hook that stops the model there. No torch.fx.
-4. For each decoder layer, one at a time on the compute device: run the calibration batches through it with hooks
+2. For each decoder layer, one at a time on the compute device: run the calibration batches through it with hooks
    that feed each target Linear's input to the method's (and the refiner's) statistics; finalize the statistics;
    prune every target (then refine its mask); run the batches again through the pruned layer to get the next
    layer's inputs.
 
-Works for any Hugging Face decoder whose blocks are an ``nn.ModuleList``.
+It drives the method protocol (:mod:`calibprune.pruning.method`) and never looks a method up: the registry and the
+request checks are above it (:mod:`calibprune.pruning.api`). Works for any Hugging Face decoder whose blocks are an
+``nn.ModuleList``.
 """
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationSet, as_token_ids
 from .activations import ActivationStore
+from .anatomy import LAYER_LOADER, find_decoder_layers, select_targets
 from .config import PruneConfig
+from .device import exact_fp32, fast_forwards, resolve_device
 from .distributed import (
     StatisticsReducer,
     assign_owners,
     broadcast_tensors,
-    check_same,
     current_context,
     module_cost,
     shard_range,
     sync_phase,
 )
-from .method import LayerStatistics, MaskRefiner, PruningMethod, reconstruction_error
+from .method import LayerStatistics, MaskRefiner, PruningMethod
 from .report import ModuleRecord, PruneReport
 
 if TYPE_CHECKING:
@@ -47,105 +44,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune", "check_request", "find_decoder_layers", "capture_layer_inputs", "select_targets", "prune_layerwise",
-           "exact_fp32", "check_device", "resolve_device", "fast_forwards", "LAYER_LOADER"]
-
-#: Attribute of a model whose decoder layers live elsewhere (on disk) and are loaded one at a time: an object with
-#: ``load(index, layer, device)`` and ``release(index, layer)`` (see :mod:`calibprune.pruning.streaming`).
-LAYER_LOADER = "calibprune_layer_loader"
+__all__ = ["prune_layerwise", "capture_layer_inputs", "mean_token_error"]
 
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass early once everything needed was seen."""
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the ``nn.ModuleList`` of identical blocks holding the most parameters.
+def mean_token_error(W_old: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                     seqlen: int) -> tuple[float, float | None]:
+    """The report's reconstruction error: mean per-token ‖(W − Ŵ)x‖² (summed over output rows) and its ratio to
+    the same quantity for W.
 
-    Returns ``(dotted name, ModuleList)``; raises ``ValueError`` when the model has none.
+    ``H: [cols, cols]`` fp32 is the running-average Hessian (2/n)·Σ x xᵀ over n sequences of ``seqlen`` tokens, so
+    tr(ΔW·H·ΔWᵀ)/(2·seqlen) is the mean over calibration tokens. ``W_old, W_new: [rows, cols]`` fp32. Both terms
+    come from one GEMM of the stacked ``[ΔW; W]`` with H. (The kernels' quality contract uses the fp64 trace
+    itself: :func:`calibprune.ops.reconstruction_error`.)
     """
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(block) for block in mod}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
-            continue
-        size = sum(p.numel() for p in mod.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, mod)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers: no nn.ModuleList of blocks containing "
-                         "nn.Linear modules was found")
-    return best[1], best[2]
-
-
-def _matches(pattern: str, rel_name: str, full_name: str, module: nn.Module) -> bool:
-    """One target/ignore pattern: ``re:<regex>`` (re.match on the full name or any dotted prefix of it, as
-    llm-compressor matches), a class name (``Linear``), or fnmatch on the layer-relative or full name."""
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        parts = full_name.split(".")
-        return any(regex.match(".".join(parts[:k])) for k in range(len(parts), 0, -1))
-    if pattern in {cls.__name__ for cls in type(module).__mro__}:
-        return True
-    return fnmatch.fnmatchcase(rel_name, pattern) or fnmatch.fnmatchcase(full_name, pattern)
-
-
-def select_targets(layer: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
-                   prefix: str = "") -> dict[str, nn.Linear]:
-    """Linear modules of one decoder layer to prune, by name relative to the layer (see ``PruneConfig.targets``).
-
-    ``prefix`` is the layer's full dotted name (``model.layers.3``), for patterns written on full names.
-    """
-    found = {}
-    for name, mod in layer.named_modules():
-        if not isinstance(mod, nn.Linear) or "lm_head" in name:
-            continue
-        full = f"{prefix}.{name}" if prefix else name
-        if targets and not any(_matches(p, name, full, mod) for p in targets):
-            continue
-        if any(_matches(p, name, full, mod) for p in ignore):
-            continue
-        found[name] = mod
-    return found
-
-
-def check_device(name: str | None) -> torch.device:
-    """The compute device named ``name`` (``None``: cuda when torch sees a GPU, else cpu), checked: asking for
-    CUDA on a machine without it is an error, not a late crash."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device "
-                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise RuntimeError(f"unsupported compute device {device}")
-    return device
-
-
-def resolve_device(config: PruneConfig) -> torch.device:
-    """The config's compute device, checked (:func:`check_device`)."""
-    return check_device(config.device)
-
-
-def fast_forwards(config: PruneConfig, device: torch.device) -> torch.dtype | None:
-    """The reduced precision for calibration forwards in ``numerics="fast"``, or None (run in the model dtype).
-
-    bf16 where the device computes it natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX.
-    """
-    if config.numerics != "fast":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if native or amx else None
-    return None
+    stacked = torch.cat((W_old - W_new, W_old))
+    per_row = (stacked @ H).mul_(stacked).sum(1)
+    rows = W_old.shape[0]
+    err, base = float(per_row[:rows].sum()) / (2 * seqlen), float(per_row[rows:].sum()) / (2 * seqlen)
+    return err, (err / base if base > 0 else None)
 
 
 def _to(obj, device: torch.device):
@@ -231,20 +151,6 @@ def _capture(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_s
     return kwargs_per_batch
 
 
-@contextlib.contextmanager
-def exact_fp32() -> Iterator[None]:
-    """SparseGPT's reference numerics: fp32 matmuls without TF32."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[:2]
-        torch.set_float32_matmul_precision(prev[2])
-
-
 class _InputRouter:
     """Forward pre-hooks that route each target module's input to its group's statistics.
 
@@ -319,14 +225,14 @@ def _group_costs(modules: dict[str, nn.Linear], leader_of: dict[str, str]) -> di
 
 
 def _check_distributable(consumers: Sequence[LayerStatistics], ids: torch.Tensor | None) -> None:
-    """A method that collects statistics must combine them across ranks in ``finalize_statistics``."""
+    """A method that collects statistics must combine them across ranks (see ``combines_statistics``)."""
     if ids is None:
         return
     for consumer in consumers:
-        if type(consumer).finalize_statistics is LayerStatistics.finalize_statistics:
-            raise ValueError(f"{type(consumer).__name__} does not combine its statistics across ranks (its "
-                             "finalize_statistics is the base no-op), so it cannot run in a process group; run it "
-                             "in one process")
+        if not consumer.combines_statistics:
+            raise ValueError(f"{type(consumer).__name__} does not combine its statistics across ranks (it collects "
+                             "in its own add_batch, and its finalize_statistics is the base one), so it cannot run in "
+                             "a process group; run it in one process")
 
 
 class _Layerwise:
@@ -442,7 +348,7 @@ class _Layerwise:
                 error_sq = rel = None
                 if config.report_errors and result.hessian is not None:
                     with method.timed("errors"):
-                        error_sq, rel = reconstruction_error(W_dense, weight.float(), result.hessian, self.seqlen)
+                        error_sq, rel = mean_token_error(W_dense, weight.float(), result.hessian, self.seqlen)
                 records[name] = ModuleRecord(
                     layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
                     target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),
@@ -578,124 +484,3 @@ def prune_layerwise(model: nn.Module, ids: torch.Tensor | None, config: PruneCon
     return run.run(progress)
 
 
-def _check_against_model(model: nn.Module, ids: torch.Tensor | None, config: PruneConfig,
-                         method: PruningMethod, device: torch.device) -> tuple[str, nn.ModuleList]:
-    """Everything about the request that the model decides, checked before any work."""
-    prefix, layers = find_decoder_layers(model)
-    per_layer = [select_targets(layer, config.targets, config.ignore, prefix=f"{prefix}.{i}")
-                 for i, layer in enumerate(layers)]
-    if not any(per_layer):
-        names = sorted({n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"targets {list(config.targets)} / ignore {list(config.ignore)} match no Linear module in "
-                         f"the {len(layers)} decoder layers ({prefix}.N); layer 0 has: {', '.join(names)}")
-    if config.prune_m:
-        for i, mods in enumerate(per_layer):
-            for name, mod in mods.items():
-                if mod.in_features % config.prune_m:
-                    raise ValueError(f"N:M pattern {config.pattern} needs M to divide the input width of every "
-                                     f"target, but {prefix}.{i}.{name} has in_features = {mod.in_features}; "
-                                     "leave it out with ignore or choose another M")
-    if isinstance(config.sparsity, tuple) and len(config.sparsity) != len(layers):
-        raise ValueError(f"{len(config.sparsity)} per-layer sparsities given but the model has {len(layers)} "
-                         "decoder layers")
-    if ids is not None:
-        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        vocab = getattr(embed, "num_embeddings", None)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise ValueError(f"calibration token ids span [{low}, {high}] but the model's vocabulary is "
-                             f"[0, {vocab}): the set was built with another tokenizer")
-    method.resolve(device)
-    return prefix, layers
-
-
-def check_request(model: nn.Module, calib: CalibrationSet | torch.Tensor | None,
-                  config: PruneConfig) -> tuple[PruningMethod, torch.Tensor | None, MaskRefiner | None]:
-    """Check a prune request against ``model`` without changing anything; returns the method, the token ids and
-    the refiner that :func:`prune` will run. Raises ``TypeError`` / ``ValueError`` / ``RuntimeError``."""
-    from .registry import METHODS, REFINERS
-
-    if not isinstance(config, PruneConfig) or config.method not in METHODS:
-        raise TypeError(f"config must be a registered method's config ({', '.join(METHODS)}), got "
-                        f"{type(config).__name__}")
-    method = METHODS[config.method](config)
-    if calib is None and (method.needs_calibration or config.refine or config.sparsity_profile != "uniform"):
-        what = [w for w, on in ((config.method, method.needs_calibration), (f"refine={config.refine!r}", config.refine),
-                                (f"sparsity_profile={config.sparsity_profile!r}",
-                                 config.sparsity_profile != "uniform")) if on]
-        raise ValueError(f"{' and '.join(what)} needs calibration data; pass a CalibrationSet or token ids")
-    ids = as_token_ids(calib) if calib is not None else None
-    device = resolve_device(config)
-    _check_against_model(model, ids, config, method, device)
-    refiner = REFINERS[config.refine](config.refine_options, config) if config.refine else None
-    if refiner is not None:
-        refiner.resolve(device)
-    return method, ids, refiner
-
-
-def _model_signature(model: nn.Module) -> list:
-    """Names, shapes and dtypes of the parameters: what every rank must agree on (cheap; no weights read)."""
-    return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-
-
-def prune(model: nn.Module, calib: CalibrationSet | torch.Tensor | None, config: PruneConfig, *,
-          progress: bool = True, checkpoint: LayerCheckpoint | None = None) -> PruneReport:
-    """Prune ``model`` in place with the method ``config`` names; the one generic entry.
-
-    Args:
-        calib: a ``CalibrationSet`` or token ids ``[n, seqlen]`` int64 (None only for a data-free method).
-        config: a method's typed config, e.g. ``SparseGPTConfig(sparsity=0.7, sparsity_profile="owl")``.
-        checkpoint: saves each finished layer and restores those of a killed run (used by
-            :func:`calibprune.pruning.streaming.prune_and_save`; ``config.resume`` needs one).
-
-    Everything that can be checked (:func:`check_request`: targets, N:M widths, device, backends, token ids) is
-    checked before any weight changes. Inside an initialised process group (``torchrun``) every rank calls this
-    with the same model, calibration and config (checked), and the pass is data- and weight-parallel
-    (:mod:`calibprune.pruning.distributed`); every rank gets the pruned model and the full report.
-    Returns the :class:`PruneReport`.
-    """
-    from ..calibration.calibration_set import ids_sha256
-    from .registry import PROFILES
-
-    ctx = current_context()
-    error, checked = None, None
-    try:
-        if config.resume and checkpoint is None:
-            raise ValueError("resume=True continues a prune saved layer by layer to an output folder: use "
-                             "prune_and_save(model, calib, config, out) or calibprune prune --out DIR --resume")
-        checked = check_request(model, calib, config)
-    except Exception as exc:  # noqa: BLE001 - in a process group every rank must learn of it
-        error = exc
-    sync_phase(ctx, "checking the request", error)
-    method, ids, refiner = checked
-    if ctx is not None:
-        check_same(ctx, "the calibration tokens", ids_sha256(ids) if ids is not None else None)
-        check_same(ctx, "the prune config", config.to_dict())
-        check_same(ctx, "the model's parameter names and shapes", _model_signature(model))
-    provenance = calib.provenance if isinstance(calib, CalibrationSet) else {"kind": "tensor" if ids is not None
-                                                                              else "none"}
-    report = PruneReport(method=config.method, config=config.to_dict(),
-                         calibration=provenance | ({"n": ids.shape[0], "seqlen": ids.shape[1]} if ids is not None
-                                                   else {}))
-    layer_sparsities = None
-    if config.sparsity_profile != "uniform":
-        saved = checkpoint.profile if checkpoint is not None else None
-        if saved is not None:
-            layer_sparsities, report.profile = saved
-            log.info("%s layer sparsities restored from %s", config.sparsity_profile, checkpoint.folder)
-        else:
-            profile = PROFILES[config.sparsity_profile](config.profile_options)
-            t0 = time.perf_counter()
-            layer_sparsities, info = profile.layer_sparsities(model, ids, config, progress=progress)
-            report.profile = {"name": config.sparsity_profile, "seconds": time.perf_counter() - t0} | info
-            if checkpoint is not None:
-                checkpoint.save_profile(layer_sparsities, report.profile)
-        log.info("%s layer sparsities: %s", config.sparsity_profile,
-                 ", ".join(f"{s:.3f}" for s in layer_sparsities))
-    _, layers = find_decoder_layers(model)
-    report.layer_targets = [float(layer_sparsities[i] if layer_sparsities is not None else config.layer_sparsity(i))
-                            for i in range(len(layers))]
-    # A data-free method needs forwards only for the reconstruction errors it reports.
-    run_ids = ids if method.needs_calibration or refiner is not None or config.report_errors else None
-    return prune_layerwise(model, run_ids, config, method, report, layer_sparsities=layer_sparsities,
-                           refiner=refiner, progress=progress, checkpoint=checkpoint)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .method import MaskRefiner
-from .wanda import wanda_scaler_update
+from ..method import MaskRefiner
+from ..statistics import ColumnNormStatistic, InputMeanStatistic, TokenVarianceStatistic
 
 __all__ = ["DSnoTOptions", "DSnoT", "dsnot_refine"]
 
@@ -56,49 +56,6 @@ class DSnoTOptions:
         if not self.var_power >= 0:
             raise ValueError(f"DSnoT var_power must be >= 0, got {self.var_power}")
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
-
-
-class _Stats:
-    """Running input statistics of one group: Wanda's ‖X_j‖² mean, the mean input μ_j and the variance."""
-
-    def __init__(self, d: int, device: torch.device):
-        self.scaler = torch.zeros(d, dtype=torch.float32, device=device)
-        self.mean_sum = torch.zeros(d, dtype=torch.float32, device=device)
-        self.var = torch.zeros(d, dtype=torch.float32, device=device)
-        self.nsamples = 0
-        self.ntokens = 0
-
-    def add(self, x: torch.Tensor, reducer=None, group: str = "") -> None:
-        x3 = x if x.dim() == 3 else x.unsqueeze(0)
-        batch = x3.shape[0]
-        inp = x3.reshape(-1, x3.shape[-1]).t().type(torch.float32)  # [d, tokens]
-        tokens = inp.shape[1]
-        var = torch.var(inp, dim=1, unbiased=False)
-        if reducer is None:
-            self.var = var if self.ntokens == 0 else (self.var * self.ntokens + var * tokens) / (self.ntokens + tokens)
-            self.ntokens += tokens
-            n = self.nsamples
-            self.mean_sum *= n / (n + batch)
-            wanda_scaler_update(self.scaler, x3, n)
-            self.nsamples = n + batch
-            self.mean_sum += torch.sum(inp, dim=1) / self.nsamples
-            return
-        # In a process group (calibprune.pruning.distributed): the same three folds, through the reducer.
-        def mean_update(S: torch.Tensor, n: int) -> None:
-            S *= n / (n + batch)
-            S += torch.sum(inp, dim=1) / (n + batch)
-
-        self.ntokens = reducer.fold("var", group, self.var, self.ntokens, tokens,
-                                    lambda S, n: _var_combine(S, var, n, tokens), term=lambda n: var,
-                                    combine=_var_combine, unit=x3.shape[1])
-        reducer.fold("mean", group, self.mean_sum, self.nsamples, batch, mean_update)
-        self.nsamples = reducer.fold("scaler", group, self.scaler, self.nsamples, batch,
-                                     lambda S, n: wanda_scaler_update(S, x3, n))
-
-
-def _var_combine(S: torch.Tensor, var: torch.Tensor, ntokens: int, tokens: int) -> torch.Tensor:
-    """The token-weighted running variance step of :meth:`_Stats.add`, in place on ``S``."""
-    return S.copy_(var if ntokens == 0 else (S * ntokens + var * tokens) / (ntokens + tokens))
 
 
 def _pointer_take(order: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
@@ -186,42 +143,21 @@ class DSnoT(MaskRefiner):
 
     options_class = DSnoTOptions
 
-    def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
-        self.stats: dict[str, _Stats] = {}
-
-    def add_batch(self, group: str, x: torch.Tensor) -> None:
-        if group not in self.stats:
-            self.stats[group] = _Stats(x.shape[-1], x.device)
-        with self.timed("dsnot statistics"):
-            self.stats[group].add(x, self.reducer, group)
-
-    def finalize_statistics(self, index: int) -> None:
-        # In a process group: each statistic is a running mean (‖X‖² and μ over sequences, the variance over
-        # tokens), combined on the rank that refines the group (see StatisticsReducer).
-        if self.reducer is None:
-            return
-        stats, reducer = self.stats, self.reducer
-        samples = {g: s.nsamples for g, s in stats.items()}
-        tokens = {g: s.ntokens for g, s in stats.items()}
-        scaler, nsamples = reducer.running_means("scaler", {g: s.scaler for g, s in stats.items()}, samples)
-        mean, _ = reducer.running_means("mean", {g: s.mean_sum for g, s in stats.items()}, samples)
-        var, ntokens = reducer.running_means("var", {g: s.var for g, s in stats.items()}, tokens)
-        self.stats = {}
-        for g in scaler:
-            s = _Stats.__new__(_Stats)
-            s.scaler, s.mean_sum, s.var, s.nsamples, s.ntokens = scaler[g], mean[g], var[g], nsamples[g], ntokens[g]
-            self.stats[g] = s
+    def __init__(self, options: DSnoTOptions, config):
+        super().__init__(options, config)
+        # The authors' WrappedGPT statistics: ‖X_j‖² and μ_j averaged over sequences, the variance over tokens.
+        timing = "dsnot statistics"
+        self.variance = TokenVarianceStatistic(timing=timing)
+        self.mean = InputMeanStatistic(timing=timing)
+        self.norms = ColumnNormStatistic(timing=timing)
+        self.statistics = (self.variance, self.mean, self.norms)
 
     def refine(self, index: int, name: str, module: nn.Linear, group: str, W_dense: torch.Tensor,
                sparsity: float) -> dict:
         if any(fnmatch.fnmatchcase(name, p) for p in self.options.skip):
             return {"dsnot": "skipped"}
-        stats = self.stats[group]
         with self.timed("dsnot"):
-            W_new, info = dsnot_refine(W_dense, module.weight.data.float(), stats.mean_sum, stats.var,
-                                       stats.scaler, self.options, self.config.prune_n, self.config.prune_m)
+            W_new, info = dsnot_refine(W_dense, module.weight.data.float(), self.mean[group], self.variance[group],
+                                       self.norms[group], self.options, self.config.prune_n, self.config.prune_m)
             module.weight.data.copy_(W_new.to(module.weight.dtype))
         return {"dsnot": info}
-
-    def end_layer(self, index: int) -> None:
-        self.stats = {}

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PruneConfig
-from .method import ModuleResult, PruningMethod, SparsityProfile
-from .report import PruneReport
-from .wanda import wanda_scaler_update
+from ..anatomy import find_decoder_layers
+from ..config import PruneConfig
+from ..loop import prune_layerwise
+from ..method import ModuleResult, PruningMethod, SparsityProfile
+from ..report import PruneReport
+from ..statistics import ColumnNormStatistic
 
 __all__ = ["OWLOptions", "OWL", "owl_layer_sparsities"]
 
@@ -70,34 +72,18 @@ class _OutlierRatios(PruningMethod):
     def __init__(self, config: PruneConfig, m: float):
         super().__init__(config)
         self.m = m
+        self.norms = ColumnNormStatistic(everywhere=True)  # combined on every rank
+        self.statistics = (self.norms,)
         self.ratios: dict[int, float] = {}
         self.params: dict[int, int] = {}
 
     def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
-        self.scaler: dict[str, torch.Tensor] = {}
-        self.nsamples: dict[str, int] = {}
+        super().start_layer(index, modules, device)
         self.seen: list[tuple[nn.Linear, str]] = []
         self.total, self.count = 0.0, 0
 
-    def add_batch(self, group: str, x: torch.Tensor) -> None:
-        if group not in self.scaler:
-            self.scaler[group] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
-            self.nsamples[group] = 0
-        if self.reducer is None:
-            self.nsamples[group] = wanda_scaler_update(self.scaler[group], x, self.nsamples[group])
-        else:  # in a process group (calibprune.pruning.distributed)
-            self.nsamples[group] = self.reducer.fold("scaler", group, self.scaler[group], self.nsamples[group],
-                                                     1 if x.dim() == 2 else x.shape[0],
-                                                     lambda s, n: wanda_scaler_update(s, x, n))
-
-    def finalize_statistics(self, index: int) -> None:
-        # In a process group: the scaler over all ranks' samples, on every rank.
-        if self.reducer is not None:
-            self.scaler, self.nsamples = self.reducer.running_means("scaler", self.scaler, self.nsamples,
-                                                                    everywhere=True)
-
     def _score(self, module: nn.Linear, group: str) -> torch.Tensor:
-        return torch.abs(module.weight.data.float()) * torch.sqrt(self.scaler[group].reshape(1, -1))
+        return torch.abs(module.weight.data.float()) * torch.sqrt(self.norms[group].reshape(1, -1))
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         # First sweep: the layer's mean score. The outliers are counted in end_layer, one matrix at a time, so
@@ -114,7 +100,8 @@ class _OutlierRatios(PruningMethod):
             outliers = sum(int((self._score(mod, group) > threshold).sum()) for mod, group in self.seen)
             self.ratios[index] = 100.0 * outliers / self.count
             self.params[index] = self.count
-        self.scaler, self.nsamples, self.seen = {}, {}, []
+        self.seen = []
+        super().end_layer(index)
 
 
 class OWL(SparsityProfile):
@@ -124,8 +111,6 @@ class OWL(SparsityProfile):
 
     def layer_sparsities(self, model: nn.Module, ids: torch.Tensor, config: PruneConfig, *,
                          progress: bool = True) -> tuple[list[float], dict]:
-        from .pipeline import find_decoder_layers, prune_layerwise
-
         _, layers = find_decoder_layers(model)
         measure = _OutlierRatios(config, self.options.m)
         prune_layerwise(model, ids, config, measure, PruneReport("owl (measure)", {}), progress=progress)

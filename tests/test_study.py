@@ -53,6 +53,9 @@ def test_plan_errors(tmp_path):
            ({"variants": {"c4": {"generator": "igsp", "options": {}}}}, ValueError, "clashes"),
            ({"seeded": ["c4", "best"]}, ValueError, "seeded entry 'best'"),
            ({"pruners": ["sparsegpt", "obc"]}, ValueError, "unknown pruner 'obc'"),
+           ({"pruner_options": {"wanda": {"percdmp": 0.1}}}, ValueError, "takes no option.*percdmp"),
+           ({"pruner_options": {"magnitude": {}}}, ValueError, "not on the pruner axis"),
+           ({"pruner_options": {"wanda": {"sparsity": 0.5}}}, ValueError, "the study sets sparsity"),
            ({"seeds": [0, 0]}, ValueError, "distinct"),
            ({"split": "train"}, ValueError, "split"),
            ({"eval_dtype": "float16"}, ValueError, "eval_dtype")]
@@ -63,6 +66,20 @@ def test_plan_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=str(empty)):  # says where it looked
         _spec(data_dir=empty, data_source="offline")
+
+
+@needs_data
+def test_the_pruner_axis_is_the_method_registry():
+    """Any registered method can be studied, with its own options; the run key of the historical settings (SparseGPT
+    with blocksize and percdamp, Wanda with none) is unchanged, so committed runs still resume."""
+    from calibprune.study.plan import pruner_settings
+    from calibprune.study.run import _pruner_settings
+
+    spec = _spec(pruners=["sparsegpt", "wanda", "magnitude"], pruner_options={"magnitude": {"pattern": "2:4"}})
+    assert _pruner_settings(spec, "sparsegpt") == {"pruner": "sparsegpt", "blocksize": 128, "percdamp": 0.01}
+    assert _pruner_settings(spec, "wanda") == {"pruner": "wanda"}
+    assert pruner_settings(spec, "magnitude") == {"pattern": "2:4"}
+    assert [r.id for r in plan_runs(spec) if r.pruner == "magnitude"][:1] == [run_id("c4", 0, "magnitude", 0.6)]
 
 
 @needs_data

@@ -62,7 +62,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeded", default="c4,best:2,mix,self-cal,sgs,igsp",
                    help="entries that run every seed; best:K = the K best single sources (default: "
                         "c4,best:2,mix,self-cal,sgs,igsp)")
-    p.add_argument("--pruners", default="sparsegpt,wanda", help="pruner axis, the first is the main one")
+    p.add_argument("--pruners", default="sparsegpt,wanda", help="pruner axis: any registered method "
+                   "(sparsegpt, wanda, ...), the first is the main one")
+    p.add_argument("--pruner-option", action="append", default=[], metavar="PRUNER.KEY=VALUE",
+                   help="a pruner's config option, repeatable, e.g. wanda.pattern=2:4")
     p.add_argument("--pruner-entries", default="sources,mix", help="entries the other pruners run (default: "
                    "sources,mix)")
     p.add_argument("--split", default="test", choices=("test", "dev"), help="study-suite items (default: test)")
@@ -91,7 +94,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(sources=args.sources, constructed=args.constructed, variants=_variants(args.variant),
                 sparsities=args.sparsity, n=args.n, seqlen=args.seqlen, seeds=args.seeds, seeded=args.seeded,
-                pruners=args.pruners, pruner_entries=args.pruner_entries, split=args.split,
+                pruners=args.pruners, pruner_options=_dotted(args.pruner_option, "--pruner-option"),
+                pruner_entries=args.pruner_entries, split=args.split,
                 benchmarks=args.benchmarks, eval_overrides=_dotted(args.eval_option, "--eval-option"),
                 eval_dtype=args.eval_dtype, dtype_check=not args.no_dtype_check, n_boot=args.n_boot,
                 data_dir=args.data_dir, data_source=args.data_source, gen_batch_size=args.gen_batch_size,

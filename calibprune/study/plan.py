@@ -33,7 +33,6 @@ __all__ = ["CONSTRUCTED", "GENERATORS", "PAPER", "RunSpec", "StudySpec", "plan_r
 
 #: constructed calibration sets, in the order they run (after the single sources)
 CONSTRUCTED: tuple[str, ...] = ("mix", "self-cal", "sgs", "igsp")
-PRUNERS: tuple[str, ...] = ("sparsegpt", "wanda")
 EVAL_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 TARGETS: tuple[str, ...] = (*DIMENSIONS, "total")
 FORMAT = 2
@@ -104,6 +103,7 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
                benchmarks: Sequence[str] | None = None,
                eval_overrides: Mapping[str, Mapping[str, Any]] | None = None, eval_dtype: str = "bfloat16",
                dtype_check: bool = True, blocksize: int = 128, percdamp: float = 0.01,
+               pruner_options: Mapping[str, Mapping[str, Any]] | None = None,
                data_dir: str | os.PathLike | None = None, data_source: str = "offline", gen_batch_size: int = 16,
                generator_options: Mapping[str, Mapping[str, Any]] | None = None, n_boot: int = 2000,
                pool_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
@@ -116,8 +116,12 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         variants: extra generated entries, ``{name: {"generator": "igsp", "options": {...}}}`` (e.g. IGSP
             ablations); options are checked against the generator's signature.
         seeds: calibration seeds (an int ``k`` means ``0..k-1``); the first one runs for every entry.
-        seeded: entries that run every seed (names, or ``"best:K"``); pruners: the pruner axis, the first is the
-            main one; pruner_entries: entries the other pruners run (``"sources"`` = all single sources).
+        seeded: entries that run every seed (names, or ``"best:K"``); pruners: the pruner axis (any method of
+            the registry, :data:`calibprune.pruning.METHODS`), the first is the main one; pruner_entries: entries
+            the other pruners run (``"sources"`` = all single sources).
+        blocksize, percdamp: SparseGPT's settings (the study's historical spelling of its pruner options).
+        pruner_options: further options of each pruner by name, e.g. ``{"wanda": {"pattern": "2:4"}}``, checked
+            against the method's config (``sparsity`` and ``device`` are the study's own).
         split: ``"test"`` (what the study reports) or ``"dev"`` (design choices).
         benchmarks, eval_overrides: restrict / resize the study suite (:func:`calibprune.evaluation.study_suite.
             resolve_suite`).
@@ -195,11 +199,9 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         raise ValueError(f"a Spearman study needs at least 3 entries, got {entries}")
 
     pruners = parse_list(pruners) or []
-    for p in pruners:
-        if p not in PRUNERS:
-            raise ValueError(f"unknown pruner {p!r}; the study runs {', '.join(PRUNERS)}")
     if not pruners or len(set(pruners)) != len(pruners):
         raise ValueError(f"pruners must be distinct names, got {pruners}")
+    p_opts = check_pruner_options(pruners, pruner_options)
     seeded_list = parse_list(seeded) or []
     for e in seeded_list:
         if not (e in entries or re.fullmatch(r"best:\d+", e)):
@@ -219,11 +221,42 @@ def plan_study(model: str, *, sources: str | Sequence[str] = "all", constructed:
         entries=entries, sparsities=sparsities, n=n, seqlen=seqlen, seeds=seeds, seeded=seeded_list,
         pruners=pruners, pruner_entries=p_entries, split=split, benchmarks=list(suite),
         eval_overrides={k: dict(v) for k, v in (eval_overrides or {}).items()}, eval_dtype=eval_dtype,
-        dtype_check=bool(dtype_check), blocksize=blocksize, percdamp=percdamp,
+        dtype_check=bool(dtype_check), blocksize=blocksize, percdamp=percdamp, pruner_options=p_opts,
         data_dir=str(resolved_dir) if resolved_dir else None, data_source=data_source,
         gen_batch_size=gen_batch_size, generator_options=gen_opts, n_boot=n_boot,
         pool_dir=str(pool_dir) if pool_dir is not None else None, device=device,
         out_dir=str(out_dir if out_dir is not None else Path("results") / slug(Path(str(model)).name)))
+
+
+def check_pruner_options(pruners: Sequence[str],
+                         options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Each pruner checked against the method registry, and its options against the method's config."""
+    from ..pruning.registry import METHODS, check_options
+
+    for p in pruners:
+        if p not in METHODS:
+            raise ValueError(f"unknown pruner {p!r}; the study runs any registered method: {', '.join(METHODS)}")
+    out: dict[str, dict[str, Any]] = {}
+    for p, opts in (options or {}).items():
+        if p not in pruners:
+            raise ValueError(f"pruner options for {p!r}, which is not on the pruner axis {list(pruners)}")
+        own = sorted(set(opts) & {"sparsity", "device", "blocksize", "percdamp"})
+        if own:
+            raise ValueError(f"pruner options of {p!r} set {own}: the study sets sparsity and device, and SparseGPT's "
+                             "blocksize and percdamp have their own study settings")
+        check_options(p, opts)
+        if opts:
+            out[p] = dict(opts)
+    return out
+
+
+def pruner_settings(spec: Mapping[str, Any], pruner: str) -> dict[str, Any]:
+    """Everything a study run passes to ``make_config(pruner, ...)`` besides sparsity and device (and its run key:
+    ``{"pruner": name, ...}`` minus the name)."""
+    out: dict[str, Any] = {}
+    if pruner in ("sparsegpt", "sparsegpt-reference"):
+        out |= {"blocksize": spec["blocksize"], "percdamp": spec["percdamp"]}
+    return out | dict(spec.get("pruner_options", {}).get(pruner, {}))
 
 
 def resolve_study_device(device: str | None) -> str:

@@ -42,6 +42,7 @@ from .plan import (
     entry_kind,
     plan_runs,
     plan_study,
+    pruner_settings,
     stable_hash,
     unresolved_runs,
 )
@@ -61,17 +62,12 @@ def _prune(model: torch.nn.Module, calib: CalibrationSet, pruner: str, sparsity:
     """The study's one call into the pruning registry (``calibprune.prune`` with the method's typed config)."""
     from ..pruning import make_config, prune
 
-    options: dict[str, Any] = {"sparsity": sparsity, "device": spec["device"]}
-    if pruner == "sparsegpt":
-        options |= {"blocksize": spec["blocksize"], "percdamp": spec["percdamp"]}
+    options = {"sparsity": sparsity, "device": spec["device"]} | pruner_settings(spec, pruner)
     return prune(model, calib, make_config(pruner, **options))
 
 
 def _pruner_settings(spec: Mapping[str, Any], pruner: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"pruner": pruner}
-    if pruner == "sparsegpt":
-        out |= {"blocksize": spec["blocksize"], "percdamp": spec["percdamp"]}
-    return out
+    return {"pruner": pruner} | pruner_settings(spec, pruner)
 
 
 def _calib_key(spec: Mapping[str, Any], entry: str, seed: int, model_fp: str) -> str:

@@ -26,6 +26,9 @@ SCENARIOS = {
     "wanda-owl-dsnot": ("qwen2", "wanda", dict(sparsity=0.5, sparsity_profile="owl",
                                                profile_options={"lmbda": 0.05}, refine="dsnot",
                                                refine_options={"skip": ()})),
+    "ria-2:4-reallocation": ("llama", "ria", dict(pattern="2:4", reallocation=True)),
+    "alps": ("llama", "alps", dict(sparsity=0.6, max_iter=30)),  # its statistic is a sum, not a running mean
+    "alps-fast": ("llama", "alps", dict(sparsity=0.6, max_iter=30, numerics="fast")),
 }
 
 

@@ -447,3 +447,16 @@ def test_cli_builds_and_prunes_with_generated_calibration(tiny_checkpoint, capsy
 def test_cli_generator_option_errors(tmp_path, capsys, extra, match):
     code, cap = _run(["calib", "--model", "smollm2-135m", "--out", str(tmp_path / "c.pt"), *extra], capsys)
     assert code == 2 and match in cap.err, cap.err
+
+
+def test_prune_help_renders_every_registered_methods_flags(capsys):
+    """The CLI flags are generated from the configs; their help text (docstrings, '%' signs and all) must render."""
+    with pytest.raises(SystemExit) as done:
+        main(["prune", "--help"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    for name, cls in CONFIGS.items():
+        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in
+               {f.name for f in dataclasses.fields(PruneConfig)}]
+        for field_name in own:
+            assert f"--{field_name.replace('_', '-')}" in printed, f"{name}: no flag for {field_name}"

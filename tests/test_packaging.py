@@ -157,6 +157,7 @@ def test_the_installed_wheel_is_whole_and_not_the_checkout():
     assert kernels.is_dir() and not kernels.is_symlink(), f"the wheel has no calibprune/kernels folder ({kernels})"
     assert sorted(p.name for p in kernels.glob("*.py")) == sorted(p.name for p in (checkout / "kernels").glob("*.py"))
     import calibprune._cpp  # noqa: F401 - the C++ extension loads
+
     import calibprune.kernels.hessian  # noqa: F401 - the Triton kernels import
     import calibprune.kernels.ngram  # noqa: F401
     import calibprune.kernels.obs  # noqa: F401

@@ -46,6 +46,12 @@ TABLE = [
     ("Wanda 2:4", "auth_wanda_24", ["cp_wanda_24", "cp_wanda_24_bs8"]),
     ("Magnitude 60%", "auth_mag_60", ["cp_mag_60"]),
     ("Magnitude 2:4", "auth_mag_24", ["cp_mag_24"]),
+    ("RIA 60%", "auth_ria_60", ["cp_ria_60"]),
+    ("RIA 2:4", "auth_ria_24", ["cp_ria_24"]),
+    ("RIA 2:4 reallocation", "auth_ria_24_realloc", ["cp_ria_24_realloc"]),
+    ("RIA 2:4 reallocation + LSA", "auth_ria_24_lsa", ["cp_ria_24_lsa"]),
+    ("ALPS 60%", "auth_alps_60", ["cp_alps_60"]),
+    ("ALPS 2:4", "auth_alps_24", ["cp_alps_24"]),
 ]
 
 

@@ -1,8 +1,11 @@
-"""Run the authors' SparseGPT / Wanda / magnitude code, or calibprune, on SmolLM2-135M; save every Linear's weights.
+"""Run the authors' SparseGPT / Wanda / magnitude / RIA / ALPS code, or calibprune, on SmolLM2-135M; save every
+Linear's weights.
 
 Glue only; the authors' code is not part of calibprune. Get it yourself and point FAITHFUL_AUTHORS at a folder with
     sparsegpt/   the files llama.py, sparsegpt.py, modelutils.py, quant.py of github.com/IST-DASLab/sparsegpt
     wanda/lib/   the package lib/ of github.com/locuslab/wanda
+    ria/lib/     the package lib/ of github.com/biomedical-cybernetics/Relative-importance-and-activation-pruning
+    alps/        the files alps.py, llama.py, modelutils.py of github.com/mazumder-lab/ALPS
 (untouched). What the glue changes to run them on transformers 5 and a CPU:
   * CPU: torch.cuda.synchronize -> no-op (their fasterprune calls it); Tensor.cuda -> identity for their
     prune_magnitude (it sorts on the GPU: `W_metric.flatten().cuda()`); device = cpu.
@@ -11,6 +14,10 @@ Glue only; the authors' code is not part of calibprune. Get it yourself and poin
     every decoder layer supplies them when the caller did not pass them. Nothing else of the call changes.
   * Wanda: `get_loaders` is replaced by a function returning our token ids (one (inp, tar) per sequence, as
     their loader yields); `model.hf_device_map = {}` (their code reads it; set by accelerate's device_map="auto").
+  * RIA: the same loader and device-map glue as Wanda (their prune_ria is Wanda's loop); Tensor.cuda -> identity
+    (their threshold sorts on the GPU) and Tensor.to("cuda:*") -> cpu (their LSA runs on a hard-coded "cuda:7").
+  * ALPS: their llama_sequential reads a global `args` (nsamples, method, sp, nm_n, nm_m), set here; alps.dev and
+    the literal "cuda:0" of ALPS_admm map to cpu (Tensor.to glue); torch.cuda.synchronize -> no-op.
 
 Usage (FAITHFUL_OUT: where runs go, default ./out; FAITHFUL_THREADS: torch threads, default 2 — compare only runs
 made with the same thread count, BLAS/LAPACK round differently with it):
@@ -118,9 +125,74 @@ def authors_magnitude(model, tok, ids: torch.Tensor, sparsity: float, prune_n: i
         torch.Tensor.cuda = cuda
 
 
+class _CudaToCpu:
+    """CPU glue for code that hard-codes CUDA devices: Tensor.cuda is the identity, Tensor.to("cuda:N") goes to cpu."""
+
+    def __enter__(self):
+        self.cuda, self.to = torch.Tensor.cuda, torch.Tensor.to
+        original_to = self.to
+
+        def to(t, *args, **kwargs):
+            args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
+            if isinstance(kwargs.get("device"), str) and kwargs["device"].startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return original_to(t, *args, **kwargs)
+
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        torch.Tensor.to = to
+        torch.cuda.synchronize = lambda *a, **k: None
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.cuda, torch.Tensor.to = self.cuda, self.to
+
+
+def authors_ria(model, tok, ids: torch.Tensor, sparsity: float, prune_n: int, prune_m: int,
+                reallocation: bool = False, lsa: bool = False, importance_score: str = "sum") -> None:
+    sys.path.insert(0, str(AUTHORS / "ria"))
+    import lib.prune as rp  # RIA lib/prune.py (+ lib/layerwrapper.py)
+
+    dataloader = [(ids[i : i + 1], None) for i in range(ids.shape[0])]
+    rp.get_loaders = lambda *a, **k: (dataloader, None)  # data glue, as for Wanda
+    model.seqlen = ids.shape[1]
+    model.hf_device_map = {}
+    args = argparse.Namespace(model="llama-smollm2", nsamples=ids.shape[0], seed=0, seqlen=ids.shape[1],
+                              calib_dataset="c4", sparsity_ratio=sparsity, prune_method="ria", a=0.5,
+                              reconstruction=False, gptq=False, reallocation=reallocation, lsa=lsa,
+                              importance_score=importance_score, per_outneuron=False, semi_sparse_acc=False,
+                              fast=False)
+    handles = install_rope_glue(model)
+    try:
+        with _CudaToCpu():
+            rp.prune_ria(args, model, tok, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def authors_alps(model, ids: torch.Tensor, sparsity: float, nm_n: int, nm_m: int) -> None:
+    sys.path.insert(0, str(AUTHORS / "alps"))
+    import alps as alps_mod  # mazumder-lab/ALPS alps.py
+    import llama as alps_llama  # their llama.py (llama_sequential)
+
+    alps_mod.dev = "cpu"
+    alps_llama.args = argparse.Namespace(nsamples=ids.shape[0], method="ALPS", sp=sparsity, nm_n=nm_n, nm_m=nm_m)
+    model.seqlen = ids.shape[1]
+    dataloader = [(ids[i : i + 1], None) for i in range(ids.shape[0])]
+    handles = install_rope_glue(model)
+    try:
+        with _CudaToCpu():
+            alps_llama.llama_sequential(model, dataloader, torch.device("cpu"), nsamples=ids.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def calibprune_run(model, ids, kind: str, **kw):
     import calibprune
 
+    if kind in ("ria", "alps"):  # the generic entry with the method's config
+        return calibprune.prune(model, ids, calibprune.make_config(kind, **kw), progress=False)
     fn = {"ref": calibprune.prune_sparsegpt_reference, "fused": calibprune.prune_sparsegpt_fused,
           "wanda": calibprune.prune_wanda, "magnitude": calibprune.prune_magnitude}[kind]
     report = fn(model, ids, progress=False, **kw) if "progress" in _params(fn) else fn(model, ids, **kw)
@@ -157,6 +229,18 @@ RUNS = {
     "cp_fused_24_bs8": ("calibprune", "fused", dict(pattern="2:4", batch_size=8)),
     "cp_wanda_60_bs8": ("calibprune", "wanda", dict(sparsity=0.6, batch_size=8)),
     "cp_wanda_24_bs8": ("calibprune", "wanda", dict(pattern="2:4", batch_size=8)),
+    "auth_ria_60": ("authors", "ria", dict(sparsity=0.6, prune_n=0, prune_m=0)),
+    "auth_ria_24": ("authors", "ria", dict(sparsity=0.5, prune_n=2, prune_m=4)),
+    "auth_ria_24_realloc": ("authors", "ria", dict(sparsity=0.5, prune_n=2, prune_m=4, reallocation=True)),
+    "auth_ria_24_lsa": ("authors", "ria", dict(sparsity=0.5, prune_n=2, prune_m=4, reallocation=True, lsa=True)),
+    "cp_ria_60": ("calibprune", "ria", dict(sparsity=0.6)),
+    "cp_ria_24": ("calibprune", "ria", dict(pattern="2:4")),
+    "cp_ria_24_realloc": ("calibprune", "ria", dict(pattern="2:4", reallocation=True)),
+    "cp_ria_24_lsa": ("calibprune", "ria", dict(pattern="2:4", reallocation=True, lsa=True)),
+    "auth_alps_60": ("authors", "alps", dict(sparsity=0.6, nm_n=0, nm_m=0)),
+    "auth_alps_24": ("authors", "alps", dict(sparsity=0.5, nm_n=2, nm_m=4)),
+    "cp_alps_60": ("calibprune", "alps", dict(sparsity=0.6)),
+    "cp_alps_24": ("calibprune", "alps", dict(pattern="2:4")),
 }
 
 
@@ -190,6 +274,10 @@ def main() -> None:
             authors_sparsegpt(model, ids, **kw)
         elif what == "wanda":
             authors_wanda(model, tok, ids, **kw)
+        elif what == "ria":
+            authors_ria(model, tok, ids, **kw)
+        elif what == "alps":
+            authors_alps(model, ids, **kw)
         else:
             authors_magnitude(model, tok, ids, **kw)
     else:

@@ -65,7 +65,8 @@ def _argument(parser: argparse._ActionsContainer, flag: str, dest: str, f: datac
               choices: tuple | None = None) -> None:
     default = _default(f)
     shown = "0.6 (N/M for N:M)" if f.name == "sparsity" else default
-    kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {shown})",
+    help_text = f"{help_text} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+    kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text,
                           "metavar": f.name.upper()}
     if f.name == "sparsity":
         kw.update(type=_sparsity, metavar="S[,S...]")

@@ -314,10 +314,11 @@ class StatisticsReducer:
         return {g: [int(p[i]) for p in parts] for i, g in enumerate(groups)}
 
     def running_means(self, name: str, stats: Mapping[str, torch.Tensor], counts: Mapping[str, int], *,
-                      everywhere: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                      everywhere: bool = False, summed: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Combine statistic ``name`` of every group over all ranks' samples; returns ``(values, totals)`` for
         the groups this rank owns (all of them with ``everywhere``: a measuring pass every rank evaluates).
-        ``counts`` are this rank's units per group, as :meth:`fold` returned them."""
+        ``counts`` are this rank's units per group, as :meth:`fold` returned them. ``summed``: the statistic is a
+        running sum, not a mean (the fast numerics then add the ranks' values unweighted)."""
         groups = sorted(stats)
         if not groups:  # no statistics this layer (the same on every rank: the groups were checked to agree)
             return {}, {}
@@ -331,7 +332,8 @@ class StatisticsReducer:
                 combined = self._chain(name, g, stats[g], dst)
             else:
                 total = sum(n)
-                combined = _weighted_reduce(self.ctx, stats[g], n[self.ctx.rank] / total if total else 0.0, dst)
+                weight = 1.0 if summed else (n[self.ctx.rank] / total if total else 0.0)
+                combined = _weighted_reduce(self.ctx, stats[g], weight, dst)
             if combined is not None:
                 values[g], totals[g] = combined, sum(n)
         return values, totals

@@ -346,9 +346,10 @@ class _Layerwise:
                     extra |= refiner.refine(index, name, module, group, W_dense, sparsity)
                 weight = module.weight.data
                 error_sq = rel = None
-                if config.report_errors and result.hessian is not None:
+                H = method.hessian_for_report(group, result) if config.report_errors else None
+                if H is not None:
                     with method.timed("errors"):
-                        error_sq, rel = mean_token_error(W_dense, weight.float(), result.hessian, self.seqlen)
+                        error_sq, rel = mean_token_error(W_dense, weight.float(), H, self.seqlen)
                 records[name] = ModuleRecord(
                     layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
                     target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
-from .statistics import RunningStatistic
+from .statistics import HessianStatistic, RunningStatistic
 
 __all__ = ["LayerStatistics", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult"]
 
@@ -73,25 +73,29 @@ class LayerStatistics:
     def resolve(self, device: torch.device) -> None:
         """Check, before any work, that this can run on ``device``; fill ``resolved_backends``."""
 
+    def collected(self) -> tuple[RunningStatistic, ...]:
+        """Every running statistic the lifecycle below runs, in order."""
+        return tuple(self.statistics)
+
     def start_layer(self, index: int, modules: dict[str, nn.Linear], device: torch.device) -> None:
         """Reset per-layer state before the statistics forwards of decoder layer ``index``."""
-        for statistic in self.statistics:
+        for statistic in self.collected():
             statistic.reset()
 
     def add_batch(self, group: str, x: torch.Tensor) -> None:
         """Fold the input ``x: [b, t, in]`` of the modules of ``group`` into each statistic, in order."""
-        for statistic in self.statistics:
+        for statistic in self.collected():
             with self.timed(statistic.timing):
                 statistic.add(group, x, self.reducer)
 
     def finalize_statistics(self, index: int) -> None:
         """After the layer's last batch and before any pruning (a distributed run combines the ranks here)."""
-        for statistic in self.statistics:
+        for statistic in self.collected():
             statistic.finalize(self.reducer)
 
     def end_layer(self, index: int) -> None:
         """Free the layer's statistics."""
-        for statistic in self.statistics:
+        for statistic in self.collected():
             statistic.reset()
 
     @contextmanager
@@ -112,18 +116,38 @@ class PruningMethod(LayerStatistics):
         share_inputs: modules reading the very same input tensor share one statistic.
         stop_early: end each statistics forward once every target module has seen its input.
         needs_calibration: False for data-free methods (magnitude), which may run without calibration data.
+        needs_report_hessian: with ``report_errors``, the base class accumulates a Hessian for the report's
+            reconstruction errors only (``report_hessian``, on the config's ``backend`` when it has one). False for a
+            method whose own statistics hold it (SparseGPT returns it in ``ModuleResult.hessian``) or that reports
+            no errors (OWL's measuring pass).
     """
 
     config_class: ClassVar[type[PruneConfig]]
     share_inputs: ClassVar[bool] = True
     stop_early: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
+    needs_report_hessian: ClassVar[bool] = True
 
     def __init__(self, config: PruneConfig):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.report_hessian = HessianStatistic() if config.report_errors and self.needs_report_hessian else None
+
+    def collected(self) -> tuple[RunningStatistic, ...]:
+        return tuple(self.statistics) + ((self.report_hessian,) if self.report_hessian is not None else ())
+
+    def resolve(self, device: torch.device) -> None:
+        if self.report_hessian is not None:
+            backend = getattr(self.config, "backend", "auto")
+            self.resolved_backends["hessian_update"] = self.report_hessian.resolve(backend, device)
+
+    def hessian_for_report(self, group: str, result: ModuleResult) -> torch.Tensor | None:
+        """The Hessian the report's reconstruction error of ``group`` uses: the method's own, else the base's."""
+        if result.hessian is not None:
+            return result.hessian
+        return self.report_hessian.get(group) if self.report_hessian is not None else None
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         """Prune ``module`` of decoder layer ``index`` in place to ``sparsity`` (ignored for N:M)."""

@@ -12,9 +12,11 @@ from typing import Any
 
 from .config import PruneConfig, option_fields
 from .method import MaskRefiner, PruningMethod, SparsityProfile
+from .methods.alps import ALPSMethod
 from .methods.dsnot import DSnoT
 from .methods.magnitude import MagnitudeMethod
 from .methods.owl import OWL
+from .methods.ria import RIAMethod
 from .methods.sparsegpt import SparseGPTMethod, SparseGPTReferenceMethod
 from .methods.wanda import WandaMethod
 
@@ -27,6 +29,8 @@ METHODS: dict[str, type[PruningMethod]] = {
     "sparsegpt-reference": SparseGPTReferenceMethod,
     "wanda": WandaMethod,
     "magnitude": MagnitudeMethod,
+    "ria": RIAMethod,
+    "alps": ALPSMethod,
 }
 
 #: sparsity profile name -> class (``"uniform"`` is built in)

@@ -6,6 +6,7 @@ group, and free. Each statistic owns its tensors, its counts, its update (the au
 the distributed reducer may split it (:class:`~calibprune.pruning.distributed.StatisticsReducer`).
 
 * :class:`HessianStatistic` — SparseGPT's running-average ``H = (2/n)·Σ XᵀX`` (IST-DASLab ``add_batch``).
+* :class:`GramStatistic` — the plain sum ``Σ XᵀX`` ALPS keeps (mazumder-lab/ALPS ``ALPS_prune.add_batch``).
 * :class:`ColumnNormStatistic` — Wanda's running mean of ‖X_j‖² (locuslab/wanda ``WrappedGPT.scaler_row``).
 * :class:`InputMeanStatistic`, :class:`TokenVarianceStatistic` — the per-feature mean (over sequences) and the
   token-weighted variance DSnoT regrows by.
@@ -19,7 +20,7 @@ import torch
 
 from ..ops import hessian_finalize, hessian_update, hessian_update_reference, resolve_op_backend
 
-__all__ = ["RunningStatistic", "HessianStatistic", "ColumnNormStatistic", "InputMeanStatistic",
+__all__ = ["RunningStatistic", "HessianStatistic", "GramStatistic", "ColumnNormStatistic", "InputMeanStatistic",
            "TokenVarianceStatistic", "wanda_scaler_update"]
 
 
@@ -45,6 +46,8 @@ class RunningStatistic:
     """
 
     name: ClassVar[str]
+    #: a running mean over the counted units (False: a running sum, which the fast distributed reduction adds)
+    mean: ClassVar[bool] = True
 
     def __init__(self, *, timing: str | None = None, everywhere: bool = False) -> None:
         self.timing = timing or self.name
@@ -99,7 +102,7 @@ class RunningStatistic:
         that prunes each group (every rank with ``everywhere``)."""
         if reducer is not None:
             self.values, self.counts = reducer.running_means(self.name, self.values, self.counts,
-                                                             everywhere=self.everywhere)
+                                                             everywhere=self.everywhere, summed=not self.mean)
 
     def __getitem__(self, group: str) -> torch.Tensor:
         return self.values[group]
@@ -152,6 +155,38 @@ class HessianStatistic(RunningStatistic):
         if not self.reference:
             for H in self.values.values():
                 hessian_finalize(H, numerics=self.numerics)
+
+
+def _add_term(state: torch.Tensor, term: torch.Tensor, n: int, count: int) -> torch.Tensor:
+    state += term
+    return state
+
+
+class GramStatistic(RunningStatistic):
+    """The sum ``Σ XᵀX`` over every calibration token, ``[d, d]`` fp32 per group (no running-average scaling)."""
+
+    name = "XtX"
+    mean = False
+
+    def __init__(self, *, timing: str = "gram") -> None:
+        super().__init__(timing=timing)
+
+    def zeros(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        return torch.zeros((d, d), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def _term(x: torch.Tensor) -> torch.Tensor:
+        inp = _features_by_tokens(x)
+        return inp.matmul(inp.t())
+
+    def update(self, state: torch.Tensor, x: torch.Tensor, n: int) -> int:
+        state += self._term(x)
+        return n + self.units(x)
+
+    def custom_split(self, x: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], Callable]:
+        term = self._term(x)
+        return (lambda n: term), _add_term
 
 
 def wanda_scaler_update(scaler: torch.Tensor, x: torch.Tensor, nsamples: int) -> int:

@@ -185,7 +185,6 @@ def test_triton_nm_group_cut_at_the_block_end(backend_env):
     the last, short group ranks only its own columns, like the torch loop does."""
     _, device, _ = backend_env
     from calibprune.kernels.obs import obs_prune_triton
-
     from calibprune.ops import inverse_factor
     from calibprune.ops.obs.torch_impl import obs_prune_torch
 

@@ -9,7 +9,6 @@ from torch import nn
 from ..config import PruneConfig
 from ..masks import matrix_mask, nm_mask
 from ..method import ModuleResult, PruningMethod
-from ..statistics import HessianStatistic
 
 __all__ = ["MagnitudeConfig", "MagnitudeMethod", "magnitude_mask"]
 
@@ -28,20 +27,12 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: 
 
 
 class MagnitudeMethod(PruningMethod):
-    """Magnitude masks; with calibration data the Hessian is accumulated for the report only."""
+    """Magnitude masks; with calibration data the base class accumulates the report's Hessian."""
 
     config_class = MagnitudeConfig
     needs_calibration = False
 
-    def __init__(self, config: MagnitudeConfig):
-        super().__init__(config)
-        self.hessian = HessianStatistic()
-        self.statistics = (self.hessian,)
-
-    def resolve(self, device: torch.device) -> None:
-        self.resolved_backends = {"hessian_update": self.hessian.resolve("auto", device)}
-
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data
         W[magnitude_mask(W, sparsity, self.config.prune_n, self.config.prune_m)] = 0
-        return ModuleResult(hessian=self.hessian.get(group))
+        return ModuleResult()

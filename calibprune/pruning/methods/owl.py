@@ -68,6 +68,7 @@ class _OutlierRatios(PruningMethod):
     config_class = PruneConfig
     # Every rank measures every module (the weights stay dense), so every rank derives the same sparsities.
     distribute_modules = False
+    needs_report_hessian = False
 
     def __init__(self, config: PruneConfig, m: float):
         super().__init__(config)

@@ -91,6 +91,7 @@ class _SparseGPT(PruningMethod):
     not positive definite gets its damping escalated (logged); the damping used is recorded per module."""
 
     config_class = SparseGPTConfig
+    needs_report_hessian = False  # its own Hessian is the report's
 
     def __init__(self, config: SparseGPTConfig, hessian: HessianStatistic):
         super().__init__(config)

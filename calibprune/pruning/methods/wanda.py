@@ -15,7 +15,7 @@ from ...ops import BACKENDS
 from ..config import PruneConfig
 from ..masks import nm_mask, row_mask
 from ..method import ModuleResult, PruningMethod
-from ..statistics import ColumnNormStatistic, HessianStatistic
+from ..statistics import ColumnNormStatistic
 
 __all__ = ["WandaConfig", "WandaMethod", "wanda_mask"]
 
@@ -51,21 +51,16 @@ def wanda_mask(W: torch.Tensor, scaler: torch.Tensor, sparsity: float, prune_n: 
 
 
 class WandaMethod(PruningMethod):
-    """Per input group: Wanda's running column norms, plus (for the report) the Hessian."""
+    """Per input group: Wanda's running column norms; the mask from |W|·‖X‖ per output row."""
 
     config_class = WandaConfig
 
     def __init__(self, config: WandaConfig):
         super().__init__(config)
         self.norms = ColumnNormStatistic()
-        self.hessian = HessianStatistic() if config.report_errors else None
-        self.statistics = (self.norms,) + ((self.hessian,) if self.hessian is not None else ())
-
-    def resolve(self, device: torch.device) -> None:
-        if self.hessian is not None:
-            self.resolved_backends = {"hessian_update": self.hessian.resolve(self.config.backend, device)}
+        self.statistics = (self.norms,)
 
     def prune_module(self, index: int, name: str, module: nn.Linear, group: str, sparsity: float) -> ModuleResult:
         W = module.weight.data
         W[wanda_mask(W, self.norms[group], sparsity, self.config.prune_n, self.config.prune_m)] = 0
-        return ModuleResult(hessian=self.hessian.get(group) if self.hessian is not None else None)
+        return ModuleResult()

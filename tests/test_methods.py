@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from _compare import assert_close
@@ -166,12 +167,28 @@ def test_per_layer_sparsity_list():
 @pytest.mark.parametrize("ratios,weights", [([1.0, 4.0, 2.0, 3.0], [1, 1, 1, 1]), ([0.5, 0.1, 0.9], [3, 1, 2])])
 def test_owl_sparsities_keep_the_weighted_mean_within_lambda(ratios, weights):
     target, lmbda = 0.7, 0.08
-    s = owl_layer_sparsities(ratios, weights, target, lmbda)
+    s = owl_layer_sparsities(ratios, weights, target, lmbda, "parameters")
     assert sum(w * x for w, x in zip(weights, s)) / sum(weights) == pytest.approx(target)
     assert max(s) - min(s) == pytest.approx(2 * lmbda)
     # more outliers, less pruning
     order = sorted(range(len(ratios)), key=lambda i: ratios[i])
     assert [s[i] for i in order] == sorted(s, reverse=True)
+
+
+@pytest.mark.parametrize("ratios", [[1.0, 4.0, 2.0, 3.0], [0.5, 0.1, 0.9, 0.3, 0.35], [7.25, 7.5]])
+def test_owl_plain_mean_is_the_authors_arithmetic(ratios):
+    """The default: luuyin/OWL's expression written out for each layer (min-max to [0, 2λ], minus the plain mean,
+    plus the density), bitwise; the layer sizes play no part."""
+    import statistics
+
+    target, lmbda = 0.7, 0.08
+    lo, hi = min(ratios), max(ratios)
+    scaled = [(r - lo) * (1 / (hi - lo) * lmbda * 2) for r in ratios]
+    expected = [1 - (x - float(np.mean(scaled)) + (1 - target)) for x in scaled]
+    got = owl_layer_sparsities(ratios, [1] * len(ratios), target, lmbda)
+    assert got == expected
+    assert owl_layer_sparsities(ratios, list(range(1, len(ratios) + 1)), target, lmbda) == got
+    assert statistics.fmean(got) == pytest.approx(target)
 
 
 def test_owl_equal_ratios_is_uniform_and_bad_lambda_is_refused():
@@ -396,7 +413,7 @@ def test_cli_owl_and_dsnot(tiny_checkpoint, capsys):
                       "--refine", "dsnot", "--dsnot-skip", "--no-eval", "--out", str(out)], capsys)
     assert code == 0, cap.err
     report = json.loads((out / "calibprune.json").read_text())["report"]
-    assert report["config"]["profile_options"] == {"m": 2.0, "lmbda": 0.1}
+    assert report["config"]["profile_options"] == {"m": 2.0, "lmbda": 0.1, "layer_mean": "plain"}
     assert report["config"]["refine_options"]["skip"] == []
     assert len(set(report["layer_targets"])) == 2 and "per layer" in cap.out
 
@@ -460,3 +477,110 @@ def test_prune_help_renders_every_registered_methods_flags(capsys):
                {f.name for f in dataclasses.fields(PruneConfig)}]
         for field_name in own:
             assert f"--{field_name.replace('_', '-')}" in printed, f"{name}: no flag for {field_name}"
+
+
+def _dsnot_authors_reference(W, Wp, mean, var, scaler, options, prune_n, prune_m):
+    """The authors' DSnoT loop written out with Python lists, row by row inside each cycle: two pointers per list,
+    never checked, moving for every row until every row has stopped (or max_cycles)."""
+    rows, cols = W.shape
+    pruned0 = (Wp == 0).tolist()
+    kept_w = [[W[r, j].item() if pruned0[r][j] else Wp[r, j].item() for j in range(cols)] for r in range(rows)]
+    metric = [[kept_w[r][j] * mean[j].item() for j in range(cols)] for r in range(rows)]
+    score = [[abs(kept_w[r][j]) * scaler[j].sqrt().item() for j in range(cols)] for r in range(rows)]
+    mask = [list(row) for row in pruned0]
+    err = [sum(metric[r][j] for j in range(cols) if pruned0[r][j]) for r in range(rows)]
+    sign0 = [(e > 0) - (e < 0) for e in err]
+    key = [[(metric[r][j] if pruned0[r][j] else 0.0) / var[j].item() ** options.var_power for j in range(cols)]
+           for r in range(rows)]
+    regrow = [sorted(range(cols), key=lambda j, r=r: (key[r][j], j)) for r in range(rows)]
+    g_ptr = [[0, cols - 1] for _ in range(rows)]
+    same = options.same_sign_for(prune_n)
+    if not prune_n:
+        kept = [sorted((j for j in range(cols) if not pruned0[r][j]), key=lambda j, r=r: (score[r][j], j))
+                for r in range(rows)]
+        order = []
+        for r in range(rows):
+            neg = [j for j in kept[r] if metric[r][j] < 0]
+            pos = [j for j in kept[r] if metric[r][j] > 0]
+            zeros = [kept[r][0]] * (len(kept[r]) - len(neg) - len(pos))
+            order.append(neg + zeros + pos[::-1])
+        p_ptr = [[0, len(kept[r]) - 1] for r in range(rows)]
+    else:
+        block_score = [[float("inf") if pruned0[r][j] else score[r][j] for j in range(cols)] for r in range(rows)]
+    active = [True] * rows
+    for _ in range(options.max_cycles):
+        if not any(active):
+            break
+        for r in range(rows):
+            side = 1 if err[r] > 0 else 0
+            j = regrow[r][min(max(g_ptr[r][side], 0), cols - 1)]
+            g_ptr[r][side] += 1 if side == 0 else -1
+            if not prune_n:
+                pside = 1 if err[r] < 0 else 0
+                k = order[r][min(max(p_ptr[r][pside], 0), len(order[r]) - 1)]
+                p_ptr[r][pside] += 1 if pside == 0 else -1
+            else:
+                start = j - j % prune_m
+                k = min(range(start, start + prune_m), key=lambda c, r=r: (block_score[r][c], c))
+                block_score[r][k] = float("inf")
+            after = err[r] + metric[r][k] - metric[r][j]
+            active[r] = active[r] and abs(err[r]) > options.update_threshold
+            if same:
+                active[r] = active[r] and ((after > 0) - (after < 0)) == sign0[r]
+            mask[r][k] = active[r]
+            mask[r][j] = not active[r]
+            if active[r]:
+                err[r] = err[r] + metric[r][k]
+                err[r] = err[r] - metric[r][j]
+    return torch.tensor([[0.0 if mask[r][j] else kept_w[r][j] for j in range(cols)] for r in range(rows)])
+
+
+@pytest.mark.parametrize("prune_n,prune_m", [(0, 0), (2, 4)], ids=["unstructured", "2:4"])
+@pytest.mark.parametrize("rows,cols,cycles", [(5, 24, 6), (7, 16, 30), (3, 40, 50)], ids=lambda v: str(v))
+def test_dsnot_faithful_order_matches_the_authors_loop(rows, cols, cycles, prune_n, prune_m):
+    """Including rows that stop early (their pointers still move) and, at 30-50 cycles on 16-40 columns, pointers
+    that run past the candidates of one sign into the other end of their list."""
+    from calibprune.pruning.masks import nm_mask, row_mask
+    from calibprune.pruning.methods.dsnot import dsnot_refine_faithful
+
+    g = torch.Generator().manual_seed(rows * cols + cycles)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64).float()
+    mean = torch.randn(cols, generator=g).float() * 3
+    var = torch.rand(cols, generator=g).float() + 0.5
+    scaler = torch.rand(cols, generator=g).float() + 0.1
+    mask = nm_mask(W.abs() * scaler.sqrt(), prune_n, prune_m) if prune_n else row_mask(W.abs() * scaler.sqrt(), 0.5)
+    Wp = W.masked_fill(mask, 0)
+    options = DSnoTOptions(max_cycles=cycles, update_threshold=0.05, skip=())
+    got, info = dsnot_refine_faithful(W, Wp, mean, var, scaler, options, prune_n, prune_m)
+    want = _dsnot_authors_reference(W, Wp, mean, var, scaler, options, prune_n, prune_m)
+    assert_close(got, want, rtol=1e-6, atol=1e-6, name="DSnoT weights (the authors' loop)")
+    assert info["order"] == "faithful" and info["cycles"] <= cycles
+
+
+def test_dsnot_orders_differ_where_a_row_runs_out_of_candidates_of_one_sign():
+    """One row, e > 0, a single kept weight that can lower e: the authors' pointer walks on and prunes kept weights
+    that raise e; stop_when_exhausted stops instead and keeps the row's count."""
+    from calibprune.pruning.methods.dsnot import dsnot_refine_faithful
+
+    W = torch.tensor([[4.0, 3.0, -1.0, 2.0, 1.5, 0.5]])
+    Wp = torch.tensor([[0.0, 0.0, -1.0, 2.0, 1.5, 0.5]])  # the two largest positive pruned: e = 7 > 0
+    ones = torch.ones(6)
+    options = DSnoTOptions(max_cycles=4, update_threshold=0.1, skip=())
+    faithful, _ = dsnot_refine_faithful(W, Wp, ones, ones, ones, options)
+    stopping, info = dsnot_refine(W, Wp, ones, ones, ones, options)
+    assert float((stopping == 0).sum()) == 2, "stop_when_exhausted keeps the row's number of pruned weights"
+    assert not torch.equal(faithful, stopping)
+    e = lambda Wn: float(((W - Wn) * ones).sum())  # noqa: E731
+    assert abs(e(stopping)) <= abs(e(Wp))
+
+
+def test_dsnot_refiner_falls_back_when_rows_prune_different_counts():
+    """Magnitude's one threshold per matrix gives rows different counts: the authors' loop cannot take them."""
+    ids = random_ids(4, 16)
+    report = prune(tiny_model("llama"), ids, make_config("magnitude", sparsity=0.5, refine="dsnot",
+                                                          refine_options={"skip": ()}))
+    orders = {r.extra["dsnot"]["order"] for r in report.modules}
+    assert orders == {"stop_when_exhausted"}
+    report = prune(tiny_model("llama"), ids, make_config("wanda", sparsity=0.5, refine="dsnot",
+                                                          refine_options={"skip": ()}))
+    assert {r.extra["dsnot"]["order"] for r in report.modules} == {"faithful"}

@@ -70,7 +70,7 @@ def _argument(parser: argparse._ActionsContainer, flag: str, dest: str, f: datac
                           "metavar": f.name.upper()}
     if f.name == "sparsity":
         kw.update(type=_sparsity, metavar="S[,S...]")
-    elif isinstance(default, bool):
+    elif isinstance(default, bool) or (default is None and str(f.type).replace(" ", "") == "bool|None"):
         kw.pop("metavar")
         kw["action"] = argparse.BooleanOptionalAction
     elif isinstance(default, tuple):

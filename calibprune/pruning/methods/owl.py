@@ -2,14 +2,17 @@
 
 A dense pass measures, per decoder layer, the share of its Wanda scores |W_ij|·‖X_j‖ that exceed ``m`` times the
 layer's mean score (the outlier ratio, over all the layer's target matrices together). Layers with more outliers
-are pruned less: the ratios are min-max scaled to [0, 2·lmbda] and subtracted from the target around their
-parameter-weighted mean, so every layer's sparsity lies within target ± lmbda and the parameter-weighted mean
-equals the target (for equal-sized layers, the authors' plain mean).
+are pruned less: the ratios are min-max scaled to [0, 2·lmbda] and subtracted from the target around their mean,
+so every layer's sparsity lies within target ± lmbda. The mean is the authors' plain mean over layers
+(luuyin/OWL ``prune_wanda_outlier``, in their arithmetic), so the mean layer sparsity is the target;
+``layer_mean="parameters"`` weights each layer by its number of target parameters instead, so that the model's
+overall sparsity is the target when the layers differ in size (the same for equal-sized layers).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,32 +33,43 @@ class OWLOptions:
     Attributes:
         m: a score is an outlier when it exceeds m × its layer's mean score.
         lmbda: the spread: layer sparsities lie within target ± lmbda.
+        layer_mean: "plain" (the authors': the mean layer sparsity is the target) or "parameters" (weighted by each
+            layer's target parameters: the model's overall sparsity is the target).
     """
 
     m: float = 5.0
     lmbda: float = 0.08
+    layer_mean: str = "plain"
 
     def __post_init__(self) -> None:
         if not self.m > 0:
             raise ValueError(f"OWL m must be > 0, got {self.m}")
         if not 0 <= self.lmbda < 0.5:
             raise ValueError(f"OWL lmbda must be in [0, 0.5), got {self.lmbda}")
+        if self.layer_mean not in ("plain", "parameters"):
+            raise ValueError(f"OWL layer_mean must be 'plain' or 'parameters', got {self.layer_mean!r}")
 
 
-def owl_layer_sparsities(outlier_ratios: list[float], weights: list[float], target: float,
-                         lmbda: float) -> list[float]:
-    """Per-layer sparsities from outlier ratios (percent), with ``Σ w_l·s_l / Σ w_l = target``.
+def owl_layer_sparsities(outlier_ratios: list[float], weights: list[float], target: float, lmbda: float,
+                         layer_mean: str = "plain") -> list[float]:
+    """Per-layer sparsities from outlier ratios (percent) around ``target``, within ± ``lmbda``.
 
-    ``weights``: each layer's number of target parameters. Equal ratios give the target everywhere.
+    ``layer_mean="plain"``: the authors' arithmetic (NumPy float64, their order of operations), mean sparsity =
+    ``target``. ``"parameters"``: ``Σ w_l·s_l / Σ w_l = target`` with ``weights`` each layer's number of target
+    parameters. Equal ratios give the target everywhere.
     """
-    r = torch.tensor(outlier_ratios, dtype=torch.float64)
-    w = torch.tensor(weights, dtype=torch.float64)
-    spread = r.max() - r.min()
-    if spread == 0:
+    if max(outlier_ratios) == min(outlier_ratios):
         return [float(target)] * len(outlier_ratios)
-    scaled = (r - r.min()) / spread * (2 * lmbda)
-    mean = (scaled * w).sum() / w.sum()
-    out = (target - (scaled - mean)).tolist()
+    if layer_mean == "plain":
+        r = np.array(outlier_ratios)
+        r = (r - r.min()) * (1 / (r.max() - r.min()) * lmbda * 2)
+        out = (1 - (r - np.mean(r) + (1 - target))).tolist()
+    else:
+        r = torch.tensor(outlier_ratios, dtype=torch.float64)
+        w = torch.tensor(weights, dtype=torch.float64)
+        scaled = (r - r.min()) / (r.max() - r.min()) * (2 * lmbda)
+        mean = (scaled * w).sum() / w.sum()
+        out = (target - (scaled - mean)).tolist()
     if any(not 0.0 < s < 1.0 for s in out):
         raise ValueError(f"OWL with lmbda={lmbda} around sparsity {target} gives layer sparsities outside (0, 1): "
                          f"{[round(s, 3) for s in out]}; lower lmbda")
@@ -118,8 +132,8 @@ class OWL(SparsityProfile):
         measured = sorted(measure.ratios)
         sparsities = owl_layer_sparsities([measure.ratios[i] for i in measured],
                                           [measure.params[i] for i in measured], float(config.sparsity),
-                                          self.options.lmbda)
+                                          self.options.lmbda, self.options.layer_mean)
         by_layer = dict(zip(measured, sparsities))
         out = [by_layer.get(i, float(config.sparsity)) for i in range(len(layers))]
-        return out, {"m": self.options.m, "lmbda": self.options.lmbda,
+        return out, {"m": self.options.m, "lmbda": self.options.lmbda, "layer_mean": self.options.layer_mean,
                      "outlier_ratio_pct": [measure.ratios.get(i) for i in range(len(layers))]}

@@ -1,12 +1,13 @@
 """Quality table: WikiText-2 perplexity of every method × sparsity × (plain, OWL, DSnoT) on the same calibration.
 
-Default job: SmolLM2-135M, 32×512 C4 tokens (seed 0), 50 / 60 / 70 % unstructured and 2:4, for magnitude, Wanda
-and SparseGPT (fused, reference numerics), each plain, with OWL (unstructured only) and with DSnoT (after Wanda
-and SparseGPT); WikiText-2 perplexity on 16 windows of 512 tokens. Each finished row is appended to
-``benchmarks/results/quality.jsonl`` at once, and a rerun skips every row already there with the same settings, so
-the job survives being killed and resumes across sessions.
+Default job: SmolLM2-135M, 32×512 C4 tokens (seed 0), 50 / 60 / 70 % unstructured and 2:4, for magnitude, Wanda,
+SparseGPT (fused, reference numerics), RIA and ALPS, each plain, with OWL (unstructured only) and with DSnoT in the
+authors' order and in calibprune's ``stop_when_exhausted`` order (after Wanda and SparseGPT); WikiText-2 perplexity
+on 16 windows of 512 tokens. Each finished row is appended to ``benchmarks/results/quality.jsonl`` at once, and a
+rerun skips every row already there with the same settings, so the job survives being killed and resumes across
+sessions. Rows from before the DSnoT orders existed (no ``dsnot_order`` field) are kept in the file, never reused.
 
-    python benchmarks/bench_quality.py [--sparsities 0.5,0.6,0.7,2:4] [--methods magnitude,wanda,sparsegpt]
+    python benchmarks/bench_quality.py [--sparsities 0.5,0.6,0.7,2:4] [--methods magnitude,wanda,sparsegpt,ria,alps]
 """
 from __future__ import annotations
 
@@ -28,19 +29,22 @@ from _harness import RESULTS_DIR, environment, print_table  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 
-VARIANTS = ("plain", "owl", "dsnot")
+VARIANTS = ("plain", "owl", "dsnot", "dsnot-stop")
+#: the methods DSnoT refines in the table (the authors' initial methods, and SparseGPT, our adaptation)
+DSNOT_AFTER = ("wanda", "sparsegpt")
 
 
 def plan(methods: list[str], settings: list[str], variants: list[str]) -> list[dict]:
-    """Every (method, setting, variant) the table holds: OWL only for unstructured, DSnoT not after magnitude."""
+    """Every (method, setting, variant) the table holds: OWL only for unstructured, DSnoT after Wanda and SparseGPT."""
     jobs = []
     for setting in settings:
         nm = ":" in setting
         for method in methods:
             for variant in variants:
-                if (variant == "owl" and nm) or (variant == "dsnot" and method == "magnitude"):
+                if (variant == "owl" and nm) or (variant.startswith("dsnot") and method not in DSNOT_AFTER):
                     continue
-                jobs.append({"method": method, "setting": setting, "variant": variant})
+                jobs.append({"method": method, "setting": setting, "variant": variant,
+                             "dsnot_order": {"dsnot": "faithful", "dsnot-stop": "stop_when_exhausted"}.get(variant)})
     return jobs
 
 
@@ -56,12 +60,16 @@ def job_config(job: dict, owl_m: float, owl_lmbda: float, batch_size: int):
         options |= {"sparsity_profile": "owl", "profile_options": {"m": owl_m, "lmbda": owl_lmbda}}
     elif job["variant"] == "dsnot":
         options["refine"] = "dsnot"
+    elif job["variant"] == "dsnot-stop":
+        options |= {"refine": "dsnot", "refine_options": {"stop_when_exhausted": True}}
     return make_config(job["method"], **options)
 
 
 def _key(row: dict) -> tuple:
+    # A DSnoT row carries its order; a row from before the orders existed has none, so it never matches a new job.
+    order = row.get("dsnot_order", "legacy") if str(row.get("variant", "")).startswith("dsnot") else None
     return tuple(row.get(k) for k in ("model", "calib", "n", "seqlen", "seed", "method", "setting", "variant",
-                                      "owl_m", "owl_lmbda", "batch_size", "eval"))
+                                      "owl_m", "owl_lmbda", "batch_size", "eval")) + (order,)
 
 
 def _done(path: Path) -> dict[tuple, dict]:
@@ -75,7 +83,7 @@ def _done(path: Path) -> dict[tuple, dict]:
 
 
 def main(model_name: str = "smollm2-135m", n: int = 32, seqlen: int = 512, seed: int = 0, calib_source: str = "c4",
-         methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt"),
+         methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "ria", "alps"),
          settings: tuple[str, ...] = ("0.5", "0.6", "0.7", "2:4"), variants: tuple[str, ...] = VARIANTS,
          owl_m: float = 5.0, owl_lmbda: float = 0.08, batch_size: int = 1, eval_windows: int = 16,
          eval_seqlen: int = 512, out: str | None = None) -> list[dict]:
@@ -132,7 +140,7 @@ if __name__ == "__main__":
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib", default="c4")
-    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,ria,alps")
     ap.add_argument("--sparsities", default="0.5,0.6,0.7,2:4", help="unstructured fractions and N:M patterns")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--owl-m", type=float, default=5.0)

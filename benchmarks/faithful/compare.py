@@ -50,6 +50,10 @@ TABLE = [
     ("RIA 2:4", "auth_ria_24", ["cp_ria_24"]),
     ("RIA 2:4 reallocation", "auth_ria_24_realloc", ["cp_ria_24_realloc"]),
     ("RIA 2:4 reallocation + LSA", "auth_ria_24_lsa", ["cp_ria_24_lsa"]),
+    ("Wanda + OWL 70%", "auth_owl_70", ["cp_owl_70"]),
+    ("Wanda + DSnoT 60%", "auth_dsnot_60", ["cp_dsnot_60", "cp_dsnot_60_stop"]),
+    ("Wanda + DSnoT 70%", "auth_dsnot_70", ["cp_dsnot_70", "cp_dsnot_70_stop"]),
+    ("Wanda + DSnoT 2:4", "auth_dsnot_24", ["cp_dsnot_24"]),
     ("ALPS 60%", "auth_alps_60", ["cp_alps_60"]),
     ("ALPS 2:4", "auth_alps_24", ["cp_alps_24"]),
 ]

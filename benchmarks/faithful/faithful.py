@@ -5,6 +5,8 @@ Glue only; the authors' code is not part of calibprune. Get it yourself and poin
     sparsegpt/   the files llama.py, sparsegpt.py, modelutils.py, quant.py of github.com/IST-DASLab/sparsegpt
     wanda/lib/   the package lib/ of github.com/locuslab/wanda
     ria/lib/     the package lib/ of github.com/biomedical-cybernetics/Relative-importance-and-activation-pruning
+    owl/lib/     the package lib/ of github.com/luuyin/OWL
+    dsnot/lib/   the package lib/ of github.com/zyxxmu/DSnoT
     alps/        the files alps.py, llama.py, modelutils.py of github.com/mazumder-lab/ALPS
 (untouched). What the glue changes to run them on transformers 5 and a CPU:
   * CPU: torch.cuda.synchronize -> no-op (their fasterprune calls it); Tensor.cuda -> identity for their
@@ -16,6 +18,9 @@ Glue only; the authors' code is not part of calibprune. Get it yourself and poin
     their loader yields); `model.hf_device_map = {}` (their code reads it; set by accelerate's device_map="auto").
   * RIA: the same loader and device-map glue as Wanda (their prune_ria is Wanda's loop); Tensor.cuda -> identity
     (their threshold sorts on the GPU) and Tensor.to("cuda:*") -> cpu (their LSA runs on a hard-coded "cuda:7").
+  * OWL and DSnoT: the loader and device-map glue of Wanda (their loops are Wanda's); OWL's magnitude-free path
+    needs no device glue; DSnoT's defaults are their command line's (--initial_method wanda, --skip_layer mlp,
+    --max_cycle_time 50, --update_threshold 0.1, --pow_of_var_regrowing 1, --without_same_sign True).
   * ALPS: their llama_sequential reads a global `args` (nsamples, method, sp, nm_n, nm_m), set here; alps.dev and
     the literal "cuda:0" of ALPS_admm map to cpu (Tensor.to glue); torch.cuda.synchronize -> no-op.
 
@@ -170,6 +175,47 @@ def authors_ria(model, tok, ids: torch.Tensor, sparsity: float, prune_n: int, pr
             h.remove()
 
 
+def _lib(folder: str, module: str, ids: torch.Tensor, model):
+    """Import ``<folder>/lib/<module>.py`` with the Wanda-style loader and device-map glue."""
+    sys.path.insert(0, str(AUTHORS / folder))
+    import importlib
+
+    lib = importlib.import_module(f"lib.{module}")
+    dataloader = [(ids[i : i + 1], None) for i in range(ids.shape[0])]
+    lib.get_loaders = lambda *a, **k: (dataloader, None)
+    model.seqlen = ids.shape[1]
+    model.hf_device_map = {}
+    return lib
+
+
+def authors_owl(model, tok, ids: torch.Tensor, sparsity: float, m: float = 5.0, lmbda: float = 0.08) -> None:
+    lib = _lib("owl", "prune_all", ids, model)
+    args = argparse.Namespace(model="llama-smollm2", nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity,
+                              use_variant=False, Hyper_m=m, Lamda=lmbda)
+    handles = install_rope_glue(model)
+    try:
+        with _CudaToCpu():
+            lib.prune_wanda_outlier(args, model, tok, torch.device("cpu"), prune_n=0, prune_m=0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def authors_dsnot(model, tok, ids: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> None:
+    lib = _lib("dsnot", "prune", ids, model)
+    args = argparse.Namespace(model="llama-smollm2", nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity,
+                              initial_method="wanda", max_cycle_time=50, without_DSnoT=False, update_threshold=0.1,
+                              pow_of_var_regrowing=1.0, pow_of_var_pruning=1.0, skip_layer="mlp",
+                              skip_sub_layer="no_skip", without_same_sign=True, get_time_overhead=False)
+    handles = install_rope_glue(model)
+    try:
+        with _CudaToCpu():
+            lib.prune_DSnoT(args, model, tok, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def authors_alps(model, ids: torch.Tensor, sparsity: float, nm_n: int, nm_m: int) -> None:
     sys.path.insert(0, str(AUTHORS / "alps"))
     import alps as alps_mod  # mazumder-lab/ALPS alps.py
@@ -191,8 +237,8 @@ def authors_alps(model, ids: torch.Tensor, sparsity: float, nm_n: int, nm_m: int
 def calibprune_run(model, ids, kind: str, **kw):
     import calibprune
 
-    if kind in ("ria", "alps"):  # the generic entry with the method's config
-        return calibprune.prune(model, ids, calibprune.make_config(kind, **kw), progress=False)
+    if kind in ("ria", "alps", "wanda+"):  # the generic entry with the method's config
+        return calibprune.prune(model, ids, calibprune.make_config(kind.rstrip("+"), **kw), progress=False)
     fn = {"ref": calibprune.prune_sparsegpt_reference, "fused": calibprune.prune_sparsegpt_fused,
           "wanda": calibprune.prune_wanda, "magnitude": calibprune.prune_magnitude}[kind]
     report = fn(model, ids, progress=False, **kw) if "progress" in _params(fn) else fn(model, ids, **kw)
@@ -237,6 +283,18 @@ RUNS = {
     "cp_ria_24": ("calibprune", "ria", dict(pattern="2:4")),
     "cp_ria_24_realloc": ("calibprune", "ria", dict(pattern="2:4", reallocation=True)),
     "cp_ria_24_lsa": ("calibprune", "ria", dict(pattern="2:4", reallocation=True, lsa=True)),
+    "auth_owl_70": ("authors", "owl", dict(sparsity=0.7)),
+    "cp_owl_70": ("calibprune", "wanda+", dict(sparsity=0.7, sparsity_profile="owl")),
+    "auth_dsnot_60": ("authors", "dsnot", dict(sparsity=0.6, prune_n=0, prune_m=0)),
+    "auth_dsnot_70": ("authors", "dsnot", dict(sparsity=0.7, prune_n=0, prune_m=0)),
+    "auth_dsnot_24": ("authors", "dsnot", dict(sparsity=0.5, prune_n=2, prune_m=4)),
+    "cp_dsnot_60": ("calibprune", "wanda+", dict(sparsity=0.6, refine="dsnot")),
+    "cp_dsnot_70": ("calibprune", "wanda+", dict(sparsity=0.7, refine="dsnot")),
+    "cp_dsnot_24": ("calibprune", "wanda+", dict(pattern="2:4", refine="dsnot")),
+    "cp_dsnot_60_stop": ("calibprune", "wanda+", dict(sparsity=0.6, refine="dsnot",
+                                                      refine_options={"stop_when_exhausted": True})),
+    "cp_dsnot_70_stop": ("calibprune", "wanda+", dict(sparsity=0.7, refine="dsnot",
+                                                      refine_options={"stop_when_exhausted": True})),
     "auth_alps_60": ("authors", "alps", dict(sparsity=0.6, nm_n=0, nm_m=0)),
     "auth_alps_24": ("authors", "alps", dict(sparsity=0.5, nm_n=2, nm_m=4)),
     "cp_alps_60": ("calibprune", "alps", dict(sparsity=0.6)),
@@ -278,6 +336,10 @@ def main() -> None:
             authors_ria(model, tok, ids, **kw)
         elif what == "alps":
             authors_alps(model, ids, **kw)
+        elif what == "owl":
+            authors_owl(model, tok, ids, **kw)
+        elif what == "dsnot":
+            authors_dsnot(model, tok, ids, **kw)
         else:
             authors_magnitude(model, tok, ids, **kw)
     else:

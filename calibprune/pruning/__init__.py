@@ -26,9 +26,11 @@ from .api import (
 from .config import PruneConfig, parse_pattern
 from .loop import capture_layer_inputs, prune_layerwise
 from .method import MaskRefiner, ModuleResult, PruningMethod, SparsityProfile
+from .methods.alps import ALPSConfig
 from .methods.dsnot import DSnoTOptions
 from .methods.magnitude import MagnitudeConfig
 from .methods.owl import OWLOptions
+from .methods.ria import RIAConfig
 from .methods.sparsegpt import SparseGPTConfig, SparseGPTReferenceConfig
 from .methods.wanda import WandaConfig
 from .recipe import load_recipe
@@ -38,7 +40,8 @@ from .streaming import load_streamed, prune_and_save
 
 __all__ = [
     "prune", "check_request", "make_config", "load_recipe", "PruneConfig", "SparseGPTConfig",
-    "SparseGPTReferenceConfig", "WandaConfig", "MagnitudeConfig", "OWLOptions", "DSnoTOptions", "METHODS",
+    "SparseGPTReferenceConfig", "WandaConfig", "MagnitudeConfig", "RIAConfig", "ALPSConfig", "OWLOptions",
+    "DSnoTOptions", "METHODS",
     "PROFILES", "REFINERS", "CONFIGS", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult",
     "PruneReport", "ModuleRecord", "prune_sparsegpt_fused", "prune_sparsegpt_reference", "prune_wanda",
     "prune_magnitude", "parse_pattern", "find_decoder_layers", "select_targets", "capture_layer_inputs",

@@ -119,7 +119,7 @@ def test_interrupted_overwrite_keeps_the_old_output(tmp_path, monkeypatch, step)
     out = tmp_path / "out"
     _previous_output(out)
     if step == "write":  # Ctrl-C while the new checkpoint is being written
-        monkeypatch.setattr(save_mod, "_write_sidecar", lambda *a, **k: (_ for _ in ()).throw(_Interrupt()))
+        monkeypatch.setattr(save_mod, "write_sidecar", lambda *a, **k: (_ for _ in ()).throw(_Interrupt()))
     else:  # Ctrl-C between moving the old output aside and moving the new one in
         real = os.replace
         calls = []
@@ -144,13 +144,13 @@ def test_interrupted_overwrite_keeps_the_old_output(tmp_path, monkeypatch, step)
 def test_staging_lives_beside_the_target_not_inside(tmp_path, monkeypatch):
     out = tmp_path / "out"
     seen = []
-    real = save_mod._write_sidecar
+    real = save_mod.write_sidecar
 
     def spy(folder, *a, **k):
         seen.append(Path(folder))
         return real(folder, *a, **k)
 
-    monkeypatch.setattr(save_mod, "_write_sidecar", spy)
+    monkeypatch.setattr(save_mod, "write_sidecar", spy)
     save_pruned(tiny_model("llama"), None, out, _report())
     assert seen[0].parent == tmp_path and seen[0].name.startswith(STAGING_PREFIX)
 

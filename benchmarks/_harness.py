@@ -42,7 +42,8 @@ def environment(device: torch.device | str) -> dict:
 
     env = {"device": device_name(device), "torch": torch.__version__, "calibprune": calibprune.__version__,
            "git": git_revision(), "python": platform.python_version(),
-           "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+           "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count()}
     try:
         import triton
 

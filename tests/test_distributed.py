@@ -29,6 +29,10 @@ SCENARIOS = {
     "ria-2:4-reallocation": ("llama", "ria", dict(pattern="2:4", reallocation=True)),
     "alps": ("llama", "alps", dict(sparsity=0.6, max_iter=30)),  # its statistic is a sum, not a running mean
     "alps-fast": ("llama", "alps", dict(sparsity=0.6, max_iter=30, numerics="fast")),
+    # sample-parallel workers inside each rank (the ranks run one thread each): still bitwise one process
+    "sparsegpt-workers": ("llama", "sparsegpt", dict(sparsity=0.6, workers=2)),
+    "wanda-dsnot-workers": ("llama", "wanda", dict(sparsity=0.5, refine="dsnot", refine_options={"skip": ()},
+                                                   workers=3)),
 }
 
 

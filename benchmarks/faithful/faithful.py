@@ -299,6 +299,12 @@ RUNS = {
     "auth_alps_24": ("authors", "alps", dict(sparsity=0.5, nm_n=2, nm_m=4)),
     "cp_alps_60": ("calibprune", "alps", dict(sparsity=0.6)),
     "cp_alps_24": ("calibprune", "alps", dict(pattern="2:4")),
+    # sample-parallel workers (each computing with one thread): compare with the authors' runs at FAITHFUL_THREADS=1
+    "cp_ref_60_w2": ("calibprune", "ref", dict(sparsity=0.6, workers=2)),
+    "cp_fused_60_w2": ("calibprune", "fused", dict(sparsity=0.6, batch_size=1, workers=2)),
+    "cp_fused_24_w2": ("calibprune", "fused", dict(pattern="2:4", batch_size=1, workers=2)),
+    "cp_wanda_60_w2": ("calibprune", "wanda", dict(sparsity=0.6, workers=2)),
+    "cp_dsnot_60_w2": ("calibprune", "wanda+", dict(sparsity=0.6, refine="dsnot", workers=2)),
 }
 
 

@@ -21,8 +21,8 @@ from .registry import CONFIGS, PROFILES, REFINERS
 __all__ = ["add_prune_options", "config_from_args"]
 
 # Fields a recipe cannot express; with --recipe they may still be given on the command line.
-_RUNTIME = {"numerics", "batch_size", "device", "offload_activations", "activations", "report_errors", "backend",
-            "refine", "resume"}
+_RUNTIME = {"numerics", "batch_size", "device", "workers", "offload_activations", "activations", "report_errors",
+            "backend", "refine", "resume"}
 # Prefixes of the argparse destinations, so that the three kinds of option never collide.
 _CFG, _PROFILE, _REFINE = "cfg__", "profile__", "refine__"
 
@@ -80,6 +80,8 @@ def _argument(parser: argparse._ActionsContainer, flag: str, dest: str, f: datac
         kw["choices"] = choices
     elif isinstance(default, (int, float)):
         kw["type"] = type(default)
+    elif default is None and str(f.type).replace(" ", "") in ("int|None", "float|None"):
+        kw["type"] = int if str(f.type).startswith("int") else float
     else:
         kw["type"] = str
     parser.add_argument(flag, **kw)

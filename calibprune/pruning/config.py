@@ -72,6 +72,9 @@ class PruneConfig:
         batch_size: calibration sequences per layer forward and per statistics update. 1 is the authors' order
             (bitwise their weights); larger is faster and rounds the statistics differently.
         device: compute device for one decoder layer at a time (default: cuda if available, else cpu).
+        workers: sample-parallel workers on a CPU, each computing with one thread (default: torch's thread count,
+            i.e. the cores or OMP_NUM_THREADS). Any count gives bitwise the weights of one thread
+            (:mod:`calibprune.pruning.workers`); a GPU runs one.
         offload_activations: keep layer inputs on CPU between layers (big models on GPU).
         activations: where layer inputs wait between layers: "auto" (the compute device, or CPU with
             offload_activations), "device", "cpu", or "disk" (one file per batch; calibration larger than RAM).
@@ -93,6 +96,7 @@ class PruneConfig:
     ignore: tuple[str, ...] = field(default_factory=tuple)
     batch_size: int = 1
     device: str | None = None
+    workers: int | None = None
     offload_activations: bool = False
     activations: str = "auto"
     report_errors: bool = True
@@ -146,6 +150,9 @@ class PruneConfig:
             raise ValueError("offload_activations keeps layer inputs on CPU; it contradicts activations='device'")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f"workers must be an integer >= 1 (or None: the cores), got {self.workers!r}")
         self.targets, self.ignore = _patterns(self.targets, "targets"), _patterns(self.ignore, "ignore")
         if self.device is not None:
             import torch

@@ -226,13 +226,6 @@ def _weighted_reduce(ctx: DistContext, term: torch.Tensor, weight: float, dst: i
     return buf.to(term.device)
 
 
-def _beta_combine(state: torch.Tensor, term: torch.Tensor, n_before: int, count: int) -> torch.Tensor:
-    """``S ← S·n/(n+c); S += T``: the running-mean step every statistic here takes (``H *= β; H += XᵀX·α``)."""
-    state *= n_before / (n_before + count)
-    state += term
-    return state
-
-
 class StatisticsReducer:
     """Combines the ranks' statistics of one decoder layer (see the module docstring).
 
@@ -268,9 +261,8 @@ class StatisticsReducer:
         return self.owners.get(group, 0) == self.ctx.rank
 
     def fold(self, name: str, group: str, state: torch.Tensor, n_local: int, count: int,
-             update: Callable[[torch.Tensor, int], Any], *, split: bool = True, unit: int = 1,
-             term: Callable[[int], torch.Tensor] | None = None,
-             combine: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None) -> int:
+             update: Callable[[torch.Tensor, int], Any], step: Callable[[int], Callable[[torch.Tensor], torch.Tensor]],
+             *, unit: int = 1) -> int:
         """Fold one batch into this rank's statistic ``name`` of ``group``; returns ``n_local + count``.
 
         Args:
@@ -278,31 +270,32 @@ class StatisticsReducer:
             n_local: units (sequences, or tokens) this rank folded so far; ``count``: the batch's units.
             update: ``update(target, n_before)`` folds the batch into ``target`` as one process would after
                 ``n_before`` units.
-            split: ``update`` is ``S ← S·n/(n+c) + T`` with T independent of S (T is then ``update`` applied to
-                zeros); otherwise the batch is replayed whole in the chain.
+            step: ``step(n_before)`` the batch's deferred fold (its term computed now; see
+                :meth:`calibprune.pruning.statistics.RunningStatistic.step`), for a later rank of the exact chain.
             unit: units per sequence (1 for per-sequence counts, seqlen for per-token counts).
-            term, combine: a custom split, for an update of another form (DSnoT's token-weighted variance):
-                ``term(n_before)`` the batch's term, ``combine(S, T, n_before, count)`` the new S.
         """
-        if not self.exact or self.ctx.rank == 0:
+        n_before = self.count_before(n_local, unit)
+        if not self.defer(name, group, step(n_before) if self._defers else None):
             update(state, n_local)
-            return n_local + count
-        n_before = self.offset * unit + n_local
-        steps = self._deferred.setdefault((name, group), [])
-        if term is not None:
-            t, merge = term(n_before), combine or _beta_combine
-            steps.append(lambda S, t=t, n=n_before, c=count: merge(S, t, n, c))
-        elif split:
-            t = torch.zeros_like(state)
-            update(t, n_before)
-            steps.append(lambda S, t=t, n=n_before, c=count: _beta_combine(S, t, n, c))
-        else:
-            def replay(S: torch.Tensor, n: int = n_before) -> torch.Tensor:
-                update(S, n)
-                return S
-
-            steps.append(replay)
         return n_local + count
+
+    @property
+    def _defers(self) -> bool:
+        return self.exact and self.ctx.rank > 0
+
+    def count_before(self, n_local: int, unit: int = 1) -> int:
+        """The running count a batch is folded at, given the ``n_local`` units this rank folded before it: the
+        global count in the exact chain (the earlier ranks' samples come first), the local one otherwise."""
+        return self.offset * unit + n_local if self.exact else n_local
+
+    def defer(self, name: str, group: str, step: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+        """Keep ``step`` for the ordered chain when this rank cannot fold yet (a later rank, exact numerics);
+        returns whether it was kept (False: fold it now)."""
+        if not self._defers:
+            return False
+        assert step is not None
+        self._deferred.setdefault((name, group), []).append(step)
+        return True
 
     def _counts(self, counts: Mapping[str, int], groups: list[str]) -> dict[str, list[int]]:
         """Every rank's count per group (one small all-gather): ``{group: [n_0, …, n_{R-1}]}``."""

@@ -38,6 +38,7 @@ from .distributed import (
 )
 from .method import LayerStatistics, MaskRefiner, PruningMethod
 from .report import ModuleRecord, PruneReport
+from .workers import ThreadLocalSink, WorkerPool, available_memory, batches_in_flight, resolve_workers
 
 if TYPE_CHECKING:
     from .checkpoint import LayerCheckpoint
@@ -157,6 +158,10 @@ class _InputRouter:
     Groups are found on the first batch: a module whose input is the very tensor an earlier module received in
     the same forward joins that module's group (we hold references during the forward, so addresses cannot be
     reused by other tensors). With ``share_inputs`` off every module is its own group.
+
+    The per-forward state is per thread (:class:`~calibprune.pruning.workers.ThreadLocalSink`), so workers may run
+    forwards of different batches at once: in a forward run by :meth:`collect` the hooks compute each statistic's
+    term for that batch and keep its fold, which the caller runs in batch order.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], consumers: Sequence[LayerStatistics], share_inputs: bool,
@@ -164,36 +169,55 @@ class _InputRouter:
         self.modules, self.consumers = modules, consumers
         self.share_inputs, self.stop_early = share_inputs, stop_early
         self.leader_of: dict[str, str] = {}
-        self._live: list[tuple[torch.Tensor, str]] = []
-        self._seen = 0
+        self._state = ThreadLocalSink()
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str) -> Callable:
         def hook(module, args):
-            x = args[0]
+            x, state = args[0], self._state
             leader = self.leader_of.get(name)
             if leader is None:
                 leader = name
                 if self.share_inputs:
-                    for seen, other in self._live:
+                    for seen, other in state.live:
                         if seen is x or (seen.data_ptr() == x.data_ptr() and seen.shape == x.shape
                                          and seen.stride() == x.stride()):
                             leader = other
                             break
                 self.leader_of[name] = leader
-            self._live.append((x, leader))
+            state.live.append((x, leader))
             if leader == name:
                 for consumer in self.consumers:
-                    consumer.add_batch(name, x.detach())
-            self._seen += 1
-            if self.stop_early and self._seen == len(self.modules):
+                    if state.commits is None:
+                        consumer.add_batch(name, x.detach())
+                    else:
+                        state.commits.extend(consumer.add_batch_later(name, x.detach(), state.sequences_before))
+            state.seen += 1
+            if self.stop_early and state.seen == len(self.modules):
                 raise _StopForward
 
         return hook
 
-    def end_forward(self) -> None:
-        self._live.clear()
-        self._seen = 0
+    def forward(self, run: Callable[[], object]) -> None:
+        """Run one batch's forward (``run``), its statistics folded as the hooks see them."""
+        try:
+            run()
+        except _StopForward:
+            pass
+        finally:
+            self._state.live.clear()
+            self._state.seen = 0
+
+    def collect(self, run: Callable[[], object], sequences_before: int) -> list[Callable[[], None]]:
+        """Run one batch's forward (``run``; ``sequences_before`` local sequences precede the batch) computing the
+        statistics' terms; returns the folds, to be called in batch order."""
+        state = self._state
+        state.commits, state.sequences_before = [], sequences_before
+        try:
+            self.forward(run)
+            return state.commits
+        finally:
+            state.commits = None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -248,6 +272,7 @@ class _Layerwise:
         self.prefix, self.layers = find_decoder_layers(model)
         self.loader = getattr(model, LAYER_LOADER, None)
         self.autocast = fast_forwards(config, self.device)
+        self.pool = WorkerPool(resolve_workers(config.workers, self.device), one_thread=self.device.type == "cpu")
         self.consumers: list[LayerStatistics] = [method] + ([refiner] if refiner else [])
         # A measuring pass that leaves the weights alone (OWL) runs every module on every rank.
         self.weight_parallel = self.ctx is not None and getattr(method, "distribute_modules", True)
@@ -299,12 +324,7 @@ class _Layerwise:
             try:
                 router = _InputRouter(modules, self.consumers, self.method.share_inputs, self.method.stop_early)
                 try:
-                    for b, kw in enumerate(self.kwargs):
-                        try:
-                            _layer_forward(layer, store.get(b), kw, self.autocast)
-                        except _StopForward:
-                            pass
-                        router.end_forward()
+                    self._statistics_forwards(router, layer, store)
                 finally:
                     router.remove()
                 leader_of = router.leader_of
@@ -314,6 +334,35 @@ class _Layerwise:
         if any(g != groups[0] for g in groups):
             raise RuntimeError(f"the ranks found different input groups in layer {index}: {groups}")
         return leader_of
+
+    def _forward(self, layer: nn.Module, store: ActivationStore, b: int) -> Callable[[], torch.Tensor]:
+        return lambda: _layer_forward(layer, store.get(b), self.kwargs[b], self.autocast)
+
+    def _statistics_forwards(self, router: _InputRouter, layer: nn.Module, store: ActivationStore) -> None:
+        """Every local batch through ``layer``, its inputs folded into the statistics in batch order.
+
+        With workers the first batch runs here (it finds the input groups); the others run a batch per worker,
+        which computes the batch's terms, and their folds are called here in batch order."""
+        batches = range(len(self.kwargs))
+        if self.pool.size == 1 or len(batches) < 2:
+            for b in batches:
+                router.forward(self._forward(layer, store, b))
+            return
+        router.forward(self._forward(layer, store, 0))
+        state_bytes = sum(t.numel() * t.element_size() for consumer in self.consumers
+                          for statistic in consumer.collected() for t in statistic.values.values())
+        limit = batches_in_flight(self.pool.size, state_bytes, available_memory())
+        if limit < self.pool.size:
+            log.info("layer statistics: %d of %d workers' batches in flight (each holds %.1f GiB of terms)", limit,
+                     self.pool.size, state_bytes / 2**30)
+        bs = self.config.batch_size
+        for commits in self.pool.ordered(lambda b: router.collect(self._forward(layer, store, b), b * bs),
+                                         batches[1:], limit=limit):
+            for commit in commits:
+                commit()
+
+    def _concurrent_solves(self) -> bool:
+        return self.pool.size > 1 and all(type(c).solves_concurrently for c in self.consumers)
 
     def prune_modules(self, index: int, modules: dict[str, nn.Linear], leader_of: dict[str, str],
                       sparsity: float) -> list[ModuleRecord]:
@@ -329,32 +378,45 @@ class _Layerwise:
         for consumer in self.consumers:
             consumer.finalize_statistics(index)
         records: dict[str, ModuleRecord] = {}
+
+        def prune_one(name: str) -> None:
+            module, group = modules[name], leader_of[name]
+            t_mod = time.perf_counter()
+            W_dense = module.weight.data.float().clone()
+            result = method.prune_module(index, name, module, group, sparsity)
+            extra = dict(result.extra)
+            if refiner is not None:
+                extra |= refiner.refine(index, name, module, group, W_dense, sparsity)
+            weight = module.weight.data
+            error_sq = rel = None
+            H = method.hessian_for_report(group, result) if config.report_errors else None
+            if H is not None:
+                with method.timed("errors"):
+                    error_sq, rel = mean_token_error(W_dense, weight.float(), H, self.seqlen)
+            records[name] = ModuleRecord(
+                layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
+                target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),
+                seconds=time.perf_counter() - t_mod, recon_error=error_sq, rel_error=rel,
+                obs_loss=result.obs_loss, damping=result.damping, extra=extra or None)
+
+        mine: list[str] = []
+        for name in modules:
+            group = leader_of.get(name)
+            if group is None:
+                log.warning("%s.%d.%s never ran on the calibration data; left dense", self.prefix, index, name)
+            elif owners.get(group, rank) == rank:
+                mine.append(name)
         error = None
         try:
-            for name, module in modules.items():
-                group = leader_of.get(name)
-                if group is None:
-                    log.warning("%s.%d.%s never ran on the calibration data; left dense", self.prefix, index, name)
-                    continue
-                if owners.get(group, rank) != rank:
-                    continue
-                t_mod = time.perf_counter()
-                W_dense = module.weight.data.float().clone()
-                result = method.prune_module(index, name, module, group, sparsity)
-                extra = dict(result.extra)
-                if refiner is not None:
-                    extra |= refiner.refine(index, name, module, group, W_dense, sparsity)
-                weight = module.weight.data
-                error_sq = rel = None
-                H = method.hessian_for_report(group, result) if config.report_errors else None
-                if H is not None:
-                    with method.timed("errors"):
-                        error_sq, rel = mean_token_error(W_dense, weight.float(), H, self.seqlen)
-                records[name] = ModuleRecord(
-                    layer=index, name=name, shape=(weight.shape[0], weight.shape[1]),
-                    target_sparsity=sparsity, sparsity=float((weight == 0).float().mean()),
-                    seconds=time.perf_counter() - t_mod, recon_error=error_sq, rel_error=rel,
-                    obs_loss=result.obs_loss, damping=result.damping, extra=extra or None)
+            if self._concurrent_solves():
+                # Each input group's modules run in order on one worker (they share its inverse factor).
+                costs = _group_costs({n: modules[n] for n in mine}, leader_of)
+                worker_of = assign_owners(costs, self.pool.size)
+                shares = [[n for n in mine if worker_of[leader_of[n]] == w] for w in range(self.pool.size)]
+                self.pool.each(prune_one, [share for share in shares if share])
+            else:
+                for name in mine:
+                    prune_one(name)
         except Exception as exc:  # noqa: BLE001
             error = exc
         shared = sync_phase(ctx, f"layer {index} prune", error, records if self.weight_parallel else None)
@@ -378,8 +440,9 @@ class _Layerwise:
         if (self.ids is not None and (index + 1 < len(self.layers) or not self.method.stop_early)
                 and not self._restored_from(index)):
             try:
-                for b, kw in enumerate(self.kwargs):
-                    store.set(b, _layer_forward(layer, store.get(b), kw, self.autocast))
+                for _ in self.pool.ordered(lambda b: store.set(b, self._forward(layer, store, b)()),
+                                           range(len(self.kwargs))):
+                    pass
             except Exception as exc:  # noqa: BLE001
                 error = exc
         sync_phase(self.ctx, f"layer {index} propagate", error)
@@ -437,7 +500,7 @@ class _Layerwise:
         folder = self.checkpoint.folder if self.checkpoint is not None else None
         store = ActivationStore(_activation_kind(self.config), self.device, folder)
         try:
-            with exact_fp32():
+            with exact_fp32(), self.pool:
                 if not self._restored_from(0):
                     self.capture(store)
                 self.phases["capture"] = time.perf_counter() - t_start
@@ -452,6 +515,7 @@ class _Layerwise:
         for consumer in self.consumers:
             report.timings |= {k: report.timings.get(k, 0.0) + v for k, v in consumer.timings.items()}
             report.resolved_backends |= consumer.resolved_backends
+        report.workers = self.pool.size
         if self.autocast is not None:
             report.resolved_backends["forwards"] = str(self.autocast).removeprefix("torch.")
         if ctx is not None:

@@ -16,8 +16,9 @@ backends it really ran in ``resolved_backends``; the loop copies both into the r
 """
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,6 +28,8 @@ from torch import nn
 
 from .config import PruneConfig
 from .statistics import HessianStatistic, RunningStatistic
+
+_TIMINGS_LOCK = threading.Lock()
 
 __all__ = ["LayerStatistics", "PruningMethod", "MaskRefiner", "SparsityProfile", "ModuleResult"]
 
@@ -55,6 +58,10 @@ class LayerStatistics:
     process group, the :class:`~calibprune.pruning.distributed.StatisticsReducer` that ``finalize_statistics``
     combines the ranks' statistics with (set by the loop for each layer; None in one process).
     """
+
+    #: the per-matrix work (``prune_module``, ``refine``) of different input groups may run at once on
+    #: sample-parallel workers: it reads the layer's statistics and writes only its own module
+    solves_concurrently: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -88,6 +95,18 @@ class LayerStatistics:
             with self.timed(statistic.timing):
                 statistic.add(group, x, self.reducer)
 
+    def add_batch_later(self, group: str, x: torch.Tensor, sequences_before: int) -> list[Callable[[], None]]:
+        """:meth:`add_batch` in two halves, for a sample-parallel worker: the terms of every statistic computed
+        now (``sequences_before`` local sequences precede this batch), the folds returned, to be called in batch
+        order. A class that collects in its own ``add_batch`` gets that ``add_batch`` as its fold."""
+        if type(self).add_batch is not LayerStatistics.add_batch:
+            return [lambda: self.add_batch(group, x)]
+        commits = []
+        for statistic in self.collected():
+            with self.timed(statistic.timing):
+                commits.append(statistic.add_later(group, x, sequences_before, self.reducer))
+        return commits
+
     def finalize_statistics(self, index: int) -> None:
         """After the layer's last batch and before any pruning (a distributed run combines the ranks here)."""
         for statistic in self.collected():
@@ -100,12 +119,14 @@ class LayerStatistics:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Add the wall time of the ``with`` body to ``timings[phase]``."""
+        """Add the wall time of the ``with`` body to ``timings[phase]`` (summed over the workers that ran it)."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            with _TIMINGS_LOCK:
+                self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
 
 class PruningMethod(LayerStatistics):

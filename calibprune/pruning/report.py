@@ -41,10 +41,11 @@ class PruneReport:
     ``phase_seconds``: wall time per pipeline phase — capture (up to layer 0), statistics (hooked forwards),
     prune (the method, refiner and error diagnostics), propagate (forwards through the pruned layer).
     ``timings``: sub-phases the method and refiner time themselves (e.g. ``hessian`` inside statistics, ``obs``
-    and ``errors`` inside prune). ``resolved_backends``: the op backends that really ran. ``layer_targets``: each
-    decoder layer's target sparsity; ``profile``: details of a non-uniform sparsity profile (e.g. OWL's outlier
-    ratios). ``distributed``: for a run in a process group, its world size, backend, and per rank the phase seconds
-    and the time and volume of each kind of collective.
+    and ``errors`` inside prune; summed over the workers that ran them). ``resolved_backends``: the op backends
+    that really ran. ``workers``: the sample-parallel workers the pass ran with (:mod:`calibprune.pruning.workers`).
+    ``layer_targets``: each decoder layer's target sparsity; ``profile``: details of a non-uniform sparsity profile
+    (e.g. OWL's outlier ratios). ``distributed``: for a run in a process group, its world size, backend, and per
+    rank the phase seconds and the time and volume of each kind of collective.
     """
 
     method: str
@@ -56,6 +57,7 @@ class PruneReport:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     resolved_backends: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
     layer_targets: list[float] = field(default_factory=list)
     profile: dict | None = None
     distributed: dict | None = None

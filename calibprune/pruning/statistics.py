@@ -81,6 +81,27 @@ class RunningStatistic:
     def reset(self) -> None:
         self.values, self.counts = {}, {}
 
+    def step(self, x: torch.Tensor, n_before: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batch ``x``'s fold as one process would take it after ``n_before`` units, its expensive part done
+        now: ``S ↦ S·n/(n+c) + T`` with the term ``T`` computed here (``split``), a custom ``combine`` with its
+        term, or (an update that does not split) the whole update replayed on ``S``. The step updates ``S`` in
+        place and returns it; applied in order, the steps give bitwise the values of :meth:`update`."""
+        count = self.units(x)
+        custom = self.custom_split(x)
+        if custom is not None:
+            term, combine = custom[0](n_before), custom[1]
+            return lambda S: combine(S, term, n_before, count)
+        if self.split:
+            term = self.zeros(x)
+            self.update(term, x, n_before)
+            return lambda S: _beta_combine(S, term, n_before, count)
+
+        def replay(S: torch.Tensor) -> torch.Tensor:
+            self.update(S, x, n_before)
+            return S
+
+        return replay
+
     def add(self, group: str, x: torch.Tensor, reducer: Any = None) -> None:
         """Fold the batch ``x: [b, t, d]`` (or ``[t, d]``) into ``group``'s statistic (through ``reducer`` in a
         process group)."""
@@ -91,11 +112,32 @@ class RunningStatistic:
         if reducer is None:
             self.counts[group] = self.update(state, x, n)
             return
-        custom = self.custom_split(x)
-        self.counts[group] = reducer.fold(
-            self.name, group, state, n, self.units(x), lambda S, m: self.update(S, x, m), split=self.split,
-            unit=self.units_per_sequence(x), term=custom[0] if custom else None,
-            combine=custom[1] if custom else None)
+        self.counts[group] = reducer.fold(self.name, group, state, n, self.units(x),
+                                          lambda S, m: self.update(S, x, m), lambda m: self.step(x, m),
+                                          unit=self.units_per_sequence(x))
+
+    def add_later(self, group: str, x: torch.Tensor, sequences_before: int,
+                  reducer: Any = None) -> Callable[[], None]:
+        """:meth:`add` in two halves, for a sample-parallel worker (:mod:`calibprune.pruning.workers`): the term
+        of batch ``x`` is computed now, for the running count the batch will be folded at when every earlier batch
+        reached this group (``sequences_before`` local sequences precede it); the returned commit folds it, and
+        must be called in batch order. A group that missed earlier batches (an expert that saw no tokens of
+        them) has another count at the commit, which then folds ``x`` as :meth:`add` does."""
+        unit = self.units_per_sequence(x)
+        local = sequences_before * unit
+        step = self.step(x, reducer.count_before(local, unit) if reducer is not None else local)
+
+        def commit() -> None:
+            if self.counts.get(group, 0) != local:
+                self.add(group, x, reducer)
+                return
+            if group not in self.values:
+                self.values[group] = self.zeros(x)
+            if reducer is None or not reducer.defer(self.name, group, step):
+                self.values[group] = step(self.values[group])
+            self.counts[group] = local + self.units(x)
+
+        return commit
 
     def finalize(self, reducer: Any = None) -> None:
         """After the layer's last batch: in a process group, the statistic over every rank's samples on the rank
@@ -158,6 +200,13 @@ class HessianStatistic(RunningStatistic):
 
 
 def _add_term(state: torch.Tensor, term: torch.Tensor, n: int, count: int) -> torch.Tensor:
+    state += term
+    return state
+
+
+def _beta_combine(state: torch.Tensor, term: torch.Tensor, n_before: int, count: int) -> torch.Tensor:
+    """``S ← S·n/(n+c); S += T``: the running-mean step of every split statistic (``H *= β; H += XᵀX·α``)."""
+    state *= n_before / (n_before + count)
     state += term
     return state
 

@@ -54,7 +54,7 @@ __all__ = ["prune_and_save", "load_streamed", "CheckpointReader", "SafetensorsLa
 INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
 # Config fields that change where or how a run keeps things, not what it computes: a resume may change them.
-_RUNTIME_FIELDS = ("resume", "activations", "offload_activations")
+_RUNTIME_FIELDS = ("resume", "activations", "offload_activations", "workers")
 
 
 class CheckpointReader:

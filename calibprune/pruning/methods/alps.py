@@ -185,6 +185,7 @@ def alps_prune(W: torch.Tensor, XtX: torch.Tensor, sparsity: float, prune_n: int
 class ALPSMethod(PruningMethod):
     """Per input group: ``Σ XᵀX``; each matrix pruned by ADMM and re-fitted on its support (:func:`alps_prune`)."""
 
+    solves_concurrently = True
     config_class = ALPSConfig
     needs_report_hessian = False  # the report's Hessian is (2/n)·ΣXᵀX, from the Gram the method keeps
 

@@ -276,6 +276,7 @@ def dsnot_refine(W_dense: torch.Tensor, W_pruned: torch.Tensor, mean: torch.Tens
 class DSnoT(MaskRefiner):
     """``refine="dsnot"``: DSnoT after any method (see the module docstring)."""
 
+    solves_concurrently = True
     options_class = DSnoTOptions
 
     def __init__(self, options: DSnoTOptions, config):

@@ -29,6 +29,7 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: 
 class MagnitudeMethod(PruningMethod):
     """Magnitude masks; with calibration data the base class accumulates the report's Hessian."""
 
+    solves_concurrently = True
     config_class = MagnitudeConfig
     needs_calibration = False
 

@@ -159,6 +159,7 @@ def ria_mask(W: torch.Tensor, scaler: torch.Tensor, config: RIAConfig, sparsity:
 class RIAMethod(PruningMethod):
     """Per input group: Wanda's running column norms; the mask from the RIA score."""
 
+    solves_concurrently = True
     config_class = RIAConfig
 
     def __init__(self, config: RIAConfig):

@@ -90,6 +90,7 @@ class _SparseGPT(PruningMethod):
     alone, so a group's modules share it without changing a bit), and an OBS solve per module. A Hessian that is
     not positive definite gets its damping escalated (logged); the damping used is recorded per module."""
 
+    solves_concurrently = True
     config_class = SparseGPTConfig
     needs_report_hessian = False  # its own Hessian is the report's
 

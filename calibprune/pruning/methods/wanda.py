@@ -53,6 +53,7 @@ def wanda_mask(W: torch.Tensor, scaler: torch.Tensor, sparsity: float, prune_n: 
 class WandaMethod(PruningMethod):
     """Per input group: Wanda's running column norms; the mask from |W|·‖X‖ per output row."""
 
+    solves_concurrently = True
     config_class = WandaConfig
 
     def __init__(self, config: WandaConfig):

@@ -10,10 +10,12 @@ Stages (``--stage``):
 * ``obs`` — ``obs_prune`` at Llama-3-8B shapes (q/o 4096×4096, gate/up 14336×4096, down 4096×14336; 2:4 on
   4096×4096). Columns: time, speed-up over the reference ``fasterprune``, mask agreement and reconstruction-error
   difference against the torch reference on the same GPU (the contract of ``calibprune.ops.contract``) and against
-  the reference run in fp64.
-* ``e2e`` — a random-initialised Llama-3-8B-shaped model (4 decoder layers, bf16) pruned at 60% from 32×2048
+  the reference run in fp64. The O(cols³) inverse factor is timed alone too (rows ``factor:chol_inverse`` and
+  ``factor:reversed``), so each row also gives its in-block loop's time and speed-up without the factor.
+* ``e2e`` — a random-initialised Llama-3-8B-shaped model (2 decoder layers, bf16) pruned at 60% from 32×2048
   random tokens: the reference pipeline, the fused one, and ``numerics="fast"`` when the prune API takes it.
-  Columns: seconds, speed-up, achieved sparsity, mask agreement with the reference run.
+  Columns: seconds, speed-up, achieved sparsity, mask agreement with the reference run; no quality (random weights
+  and tokens: every row says so). Then one profiled fused prune on a quarter of the tokens: its top kernels.
 * ``roofline`` — the device's bf16 and fp32 GEMM rates (8192³, random data) and device-to-device copy bandwidth.
 
 ``--dry`` runs every stage on CPU at tiny shapes (plumbing only, no meaningful numbers). Rows are appended as JSON
@@ -42,6 +44,7 @@ from calibprune.ops import (  # noqa: E402
     hessian_finalize,
     hessian_update,
     hessian_update_reference,
+    inverse_factor,
     mask_agreement,
     obs_prune,
     obs_prune_reference,
@@ -198,6 +201,21 @@ def bench_obs(device: torch.device, dry: bool, env: dict) -> list[dict]:
         ref: dict[str, torch.Tensor] = {}
         state: dict[str, torch.Tensor] = {}
         ref_p50 = None
+        # The O(cols³) inverse factor every provider pays before its in-block loop, timed alone, so the OBS rows
+        # can say how much of their time is the loop (the kernels' part) and how much the factor.
+        factor_p50: dict[str, float] = {}
+        for numerics, method in (("reference", "chol_inverse"), ("fast", "reversed")):
+            def factor(method=method):
+                inverse_factor(state["H"], 0.01, method=method)
+
+            def run_factor(factor=factor, numerics=numerics) -> dict:
+                tm = measure(factor, device=device, warmup=1, repeats=1 if dry else 2,
+                             setup=lambda: state.update(H=H.clone()))
+                factor_p50[numerics] = tm["p50"]
+                return tm
+
+            _guarded(rows, "obs", f"factor:{method}", env, run_factor, shape=f"{r}x{c}", pattern=pattern,
+                     blocksize=bs, sparsity=None if n else 0.6)
         for provider in _providers(device, ("torch", "cpp", "triton", "cuda")):
             backend, numerics = _split(provider)
 
@@ -220,7 +238,13 @@ def bench_obs(device: torch.device, dry: bool, env: dict) -> list[dict]:
                     ref["W"], ref["mask"] = state["W"].clone(), state["mask"].clone()
                 result = check_contract(W0, H, ref["W"], ref["mask"], state["W"], state["mask"])
                 err = reconstruction_error(W0, state["W"], H)
+                own, ref_factor = factor_p50.get(numerics), factor_p50.get("reference")
+                in_block = tm["p50"] - own if own is not None else None
+                ref_in_block = ref_p50 - ref_factor if ref_factor is not None else None
                 return {**tm, "speedup_vs_reference": ref_p50 / tm["p50"],
+                        "factor_p50": own, "in_block_p50": in_block,
+                        "in_block_speedup_vs_reference": (ref_in_block / in_block
+                                                          if in_block and ref_in_block and in_block > 0 else None),
                         "mask_agreement_vs_gpu_reference": result.mask_agreement,
                         "recon_rel_diff_vs_gpu_reference": result.recon_rel_diff, "contract_ok": result.ok,
                         "bitwise_equal_gpu_reference": bool(torch.equal(state["W"], ref["W"])),
@@ -232,9 +256,9 @@ def bench_obs(device: torch.device, dry: bool, env: dict) -> list[dict]:
             state.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print_table(rows, ["shape", "pattern", "provider", "p50", "speedup_vs_reference",
-                       "mask_agreement_vs_gpu_reference", "recon_rel_diff_vs_gpu_reference", "contract_ok",
-                       "mask_agreement_vs_fp64", "error"])
+    print_table(rows, ["shape", "pattern", "provider", "p50", "in_block_p50", "speedup_vs_reference",
+                       "in_block_speedup_vs_reference", "mask_agreement_vs_gpu_reference",
+                       "recon_rel_diff_vs_gpu_reference", "contract_ok", "mask_agreement_vs_fp64", "error"])
     return rows
 
 
@@ -286,7 +310,7 @@ def bench_e2e(device: torch.device, dry: bool, env: dict) -> list[dict]:
     import calibprune
 
     n, seqlen = (4, 32) if dry else (32, 2048)
-    dense = llama3_8b_shaped(device, dry, layers=2 if dry else 4)
+    dense = llama3_8b_shaped(device, dry, layers=2)  # 2 layers: the three timed prunes fit the stage's cap
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(0, dense.config.vocab_size, (n, seqlen), generator=gen)
@@ -324,10 +348,45 @@ def bench_e2e(device: torch.device, dry: bool, env: dict) -> list[dict]:
                     "phase_seconds": getattr(report, "phase_seconds", None)}
 
         _guarded(rows, "e2e", label, env, run, layers=dense.config.num_hidden_layers, calib=f"{n}x{seqlen}",
-                 model="llama3-8b-shaped" if not dry else "tiny-llama", **{k: v for k, v in extra.items()})
+                 model="llama3-8b-shaped" if not dry else "tiny-llama", quality=E2E_QUALITY,
+                 **{k: v for k, v in extra.items()})
+    # Where the fused prune's device time goes: the top kernels of a profiled run on a quarter of the tokens (a
+    # separate run, so the timed rows above carry no profiler overhead).
+    dense.load_state_dict(dense_state)
+    _guarded(rows, "e2e", "profile:fused", env, lambda: _profile_prune(calibprune.prune_sparsegpt_fused, dense,
+                                                                        calib[: max(1, n // 4)], device),
+             layers=dense.config.num_hidden_layers, calib=f"{max(1, n // 4)}x{seqlen}")
     print_table(rows, ["provider", "seconds", "speedup_vs_reference", "sparsity", "mask_agreement_vs_reference",
                        "mean_rel_error", "skipped", "error"])
     return rows
+
+
+#: what the e2e rows can and cannot say
+E2E_QUALITY = "not measured: random weights and random tokens (times, sparsity and mask agreement only)"
+
+
+def _profile_prune(fn: Callable, model, calib, device: torch.device, top: int = 8) -> dict:
+    """Prune under ``torch.profiler``; the ``top`` kernels (operators on CPU) by their own device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        fn(model, calib, sparsity=0.6, device=str(device), batch_size=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def own_us(e) -> float:
+        for attr in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda"
+                     else ("self_cpu_time_total",)):
+            if hasattr(e, attr):
+                return float(getattr(e, attr))
+        return 0.0
+
+    events = sorted(prof.key_averages(), key=own_us, reverse=True)
+    total = sum(own_us(e) for e in events) or 1.0
+    return {"top_kernels": [{"name": e.key[:120], "seconds": own_us(e) / 1e6, "share": own_us(e) / total,
+                             "calls": e.count} for e in events[:top]],
+            "profiled_seconds": total / 1e6}
 
 
 # --- roofline --------------------------------------------------------------------------------------------------------

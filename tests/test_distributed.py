@@ -33,7 +33,13 @@ SCENARIOS = {
     "sparsegpt-workers": ("llama", "sparsegpt", dict(sparsity=0.6, workers=2)),
     "wanda-dsnot-workers": ("llama", "wanda", dict(sparsity=0.5, refine="dsnot", refine_options={"skip": ()},
                                                    workers=3)),
+    # the exact chain's later rank keeps its batches, not their d×d terms (the memory bound at 0 MB): same bits
+    "sparsegpt-bounded-terms": ("llama", "sparsegpt", dict(sparsity=0.6)),
+    "sparsegpt-bounded-terms-workers": ("llama", "sparsegpt", dict(sparsity=0.6, workers=2)),
 }
+#: environment a scenario's ranks run with
+SCENARIO_ENV = {"sparsegpt-bounded-terms": {"CALIBPRUNE_DIST_DEFER_MB": "0"},
+                "sparsegpt-bounded-terms-workers": {"CALIBPRUNE_DIST_DEFER_MB": "0"}}
 
 
 
@@ -67,7 +73,16 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         for name, (arch, method, options) in SCENARIOS.items():
             model = tiny_model(arch)
-            report = prune(model, _ids(), make_config(method, **options), progress=False)
+            saved = {k: os.environ.get(k) for k in SCENARIO_ENV.get(name, {})}
+            os.environ.update(SCENARIO_ENV.get(name, {}))
+            try:
+                report = prune(model, _ids(), make_config(method, **options), progress=False)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
             results[name] = {"weights": model.state_dict(), "report": report.to_dict()}
         original = SparseGPTMethod.prune_module
 

@@ -146,10 +146,12 @@ def test_hessian_kernels_against_gpu_torch(backend, numerics, dtype, shape):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_hessian_past_int32_offsets(backend):
-    """X with >= 2^31 elements (128×2048 tokens of width 8192 in bf16, 4 GiB): 64-bit offsets or an illegal access."""
+    """X with more than 2^31 elements (129×2048 tokens of width 8192 in bf16, 4.3 GiB): the last sequence's
+    elements sit past offset 2^31 − 1, so 32-bit offsets wrap (wrong H or an illegal access); 64-bit ones do not.
+    (128×2048 tokens would be exactly 2^31 elements: the largest offset, 2^31 − 1, still fits in int32.)"""
     _need(backend)
-    d, tokens = 8192, 128 * 2048
-    assert tokens * d >= 2**31
+    d, tokens = 8192, 129 * 2048
+    assert (tokens - 2048) * d >= 2**31  # the last sequence starts at offset 2^31: every element of it is past int32
     gen = torch.Generator(device="cuda").manual_seed(0)
     X = torch.randn(tokens, d, generator=gen, device="cuda", dtype=torch.bfloat16)
     H = torch.zeros(d, d, device="cuda")

@@ -78,7 +78,8 @@ class PruneConfig:
         offload_activations: keep layer inputs on CPU between layers (big models on GPU).
         activations: where layer inputs wait between layers: "auto" (the compute device, or CPU with
             offload_activations), "device", "cpu", or "disk" (one file per batch; calibration larger than RAM).
-        report_errors: compute each matrix's reconstruction error from the Hessian for the report.
+        report_errors: compute each matrix's reconstruction error from the Hessian for the report (on a GPU its
+            GEMM runs in bf16 with fp32 accumulation: a diagnostic, within about 1% of fp32).
         resume: continue a killed prune after its last finished layer, from the work folder beside the output
             (calibprune prune --out, prune_and_save); refused when the model, calibration or settings differ.
     """

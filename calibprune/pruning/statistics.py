@@ -81,26 +81,35 @@ class RunningStatistic:
     def reset(self) -> None:
         self.values, self.counts = {}, {}
 
-    def step(self, x: torch.Tensor, n_before: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def step(self, x: torch.Tensor, n_before: int, reducer: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batch ``x``'s fold as one process would take it after ``n_before`` units, its expensive part done
         now: ``S ↦ S·n/(n+c) + T`` with the term ``T`` computed here (``split``), a custom ``combine`` with its
         term, or (an update that does not split) the whole update replayed on ``S``. The step updates ``S`` in
-        place and returns it; applied in order, the steps give bitwise the values of :meth:`update`."""
+        place and returns it; applied in order, the steps give bitwise the values of :meth:`update`.
+
+        A split term as large as the state (a d×d Hessian) is kept only while ``reducer`` lets it
+        (:meth:`~calibprune.pruning.distributed.StatisticsReducer.keeps_batch`); past its memory bound the step
+        keeps the smaller batch and replays the update, which is the same arithmetic, so the same bits."""
         count = self.units(x)
         custom = self.custom_split(x)
         if custom is not None:
             term, combine = custom[0](n_before), custom[1]
             return lambda S: combine(S, term, n_before, count)
-        if self.split:
-            term = self.zeros(x)
-            self.update(term, x, n_before)
-            return lambda S: _beta_combine(S, term, n_before, count)
 
         def replay(S: torch.Tensor) -> torch.Tensor:
             self.update(S, x, n_before)
             return S
 
+        if self.split and not (reducer is not None and reducer.keeps_batch(x, self.state_bytes(x))):
+            term = self.zeros(x)
+            self.update(term, x, n_before)
+            return lambda S: _beta_combine(S, term, n_before, count)
         return replay
+
+    def state_bytes(self, x: torch.Tensor) -> int:
+        """Bytes of the state (and so of a split term) for a batch like ``x``, allocating nothing."""
+        state = self.zeros(torch.empty(x.shape, dtype=x.dtype, device="meta"))
+        return state.numel() * state.element_size()
 
     def add(self, group: str, x: torch.Tensor, reducer: Any = None) -> None:
         """Fold the batch ``x: [b, t, d]`` (or ``[t, d]``) into ``group``'s statistic (through ``reducer`` in a
@@ -113,7 +122,7 @@ class RunningStatistic:
             self.counts[group] = self.update(state, x, n)
             return
         self.counts[group] = reducer.fold(self.name, group, state, n, self.units(x),
-                                          lambda S, m: self.update(S, x, m), lambda m: self.step(x, m),
+                                          lambda S, m: self.update(S, x, m), lambda m: self.step(x, m, reducer),
                                           unit=self.units_per_sequence(x))
 
     def add_later(self, group: str, x: torch.Tensor, sequences_before: int,
@@ -125,7 +134,7 @@ class RunningStatistic:
         them) has another count at the commit, which then folds ``x`` as :meth:`add` does."""
         unit = self.units_per_sequence(x)
         local = sequences_before * unit
-        step = self.step(x, reducer.count_before(local, unit) if reducer is not None else local)
+        step = self.step(x, reducer.count_before(local, unit) if reducer is not None else local, reducer)
 
         def commit() -> None:
             if self.counts.get(group, 0) != local:

@@ -321,12 +321,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=root)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default) -> None:
+    """-v / -q / --log-level, on the top-level parser and on every sub-command (``default`` SUPPRESS, so a flag
+    given in either place is kept and an absent one leaves the other's value)."""
+    group = parser.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="debug logging (a handled error's traceback included)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+    group.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower, default=default,
+                       help="the logging level (default: info); overrides -v and -q")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The logging level the parsed options ask for: --log-level, else -v (debug), else -q (warning), else info."""
+    name = getattr(args, "log_level", None)
+    if name is None:
+        name = "debug" if getattr(args, "verbose", False) else "warning" if getattr(args, "quiet", False) else "info"
+    return getattr(logging, name.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
     from .pruning.cli_options import add_prune_options
 
     parser = argparse.ArgumentParser(prog="calibprune", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"calibprune {__version__}")
+    _add_logging_options(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # taken after the sub-command too: `calibprune prune -q ...`
+    _add_logging_options(common, argparse.SUPPRESS)
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="HF id, local checkpoint dir, .gguf file, or smollm2-135m")
@@ -336,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-seqlen", type=int, default=512, help="WikiText-2 window length (default: 512)")
         p.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 windows (default: 16)")
 
-    p = sub.add_parser("prune", help="prune a model and save it with a calibprune.json sidecar")
+    p = sub.add_parser("prune", parents=[common], help="prune a model and save it with a calibprune.json sidecar")
     model_options(p)
     _add_calib_options(p)
     add_prune_options(p)
@@ -349,29 +375,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "WikiText-2 evaluation is skipped)")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("calib", help="build a calibration set and save it (.pt + .json provenance)")
+    p = sub.add_parser("calib", parents=[common],
+                       help="build a calibration set and save it (.pt + .json provenance)")
     model_options(p)
     _add_calib_options(p)
     p.add_argument("--out", required=True, help="output .pt path")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_calib)
 
-    p = sub.add_parser("eval", help="WikiText-2 perplexity of a model")
+    p = sub.add_parser("eval", parents=[common], help="WikiText-2 perplexity of a model")
     model_options(p)
     eval_options(p)
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("study", help="calibration study: sources, mix, Self-Cal, SGS, IGSP x seeds x pruners -> "
-                       "OIT metrics, per-capability retention with intervals, Spearman, verdicts; resumable")
+    p = sub.add_parser("study", parents=[common],
+                       help="calibration study: sources, mix, Self-Cal, SGS, IGSP x seeds x pruners -> OIT "
+                            "metrics, per-capability retention with intervals, Spearman, verdicts; resumable")
     from .study.cli import add_study_arguments
 
     add_study_arguments(p)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("bench", help="run a benchmark script of the source checkout (prints a table, writes "
-                       "benchmarks/results/)", description="Arguments after the name go to the script, e.g. "
-                       "calibprune bench obs --quick; see python benchmarks/bench_<name>.py -h.")
+    p = sub.add_parser("bench", parents=[common],
+                       help="run a benchmark script of the source checkout (prints a table, writes "
+                            "benchmarks/results/)",
+                       description="Arguments after the name go to the script, e.g. calibprune bench obs --quick; "
+                                   "see python benchmarks/bench_<name>.py -h.")
     p.add_argument("name", choices=BENCHES)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_bench)
@@ -383,16 +413,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=log_level(args), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ImportError, PermissionError,
             NotADirectoryError, IsADirectoryError, KeyError, RankFailure) as exc:
-        if args.verbose:
-            raise
+        log.debug("the handled error's traceback (-v / --log-level debug):", exc_info=True)
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"calibprune {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2

@@ -177,6 +177,41 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def model_config(where: str | Path):
+    """The checkpoint's transformers config, checked to describe a causal decoder LM, before any weight is read.
+
+    One ``ValueError`` naming the checkpoint for a config transformers cannot build (a hidden size that is not a
+    multiple of the head count, an unknown model type) and for a model that is not a causal LM: an encoder-decoder,
+    or a checkpoint whose ``architectures`` name no causal-LM class (a ``BertForMaskedLM`` would otherwise load as
+    ``BertLMHeadModel``, be pruned and be saved relabelled).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises several kinds for a malformed config.json
+        cause = exc.__cause__ or exc
+        raise ValueError(f"{where}: transformers cannot build a model from its config.json: "
+                         f"{type(cause).__name__}: {cause}") from exc
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ((names,) if isinstance(names, str) else names)}
+    archs = list(getattr(config, "architectures", None) or [])
+    why = None
+    if getattr(config, "is_encoder_decoder", False):
+        why = "an encoder-decoder model"
+    elif archs and not any(a in causal or a.endswith("ForCausalLM") for a in archs):
+        why = f"architectures {archs}, none of them a causal LM"
+    elif not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = f"model type {config.model_type!r} has no causal-LM class in transformers"
+    if why is not None:
+        raise ValueError(f"{where} is not a causal decoder LM ({why}); calibprune prunes causal decoder LMs "
+                         "(Llama, Qwen, Mistral, OPT, GPT-NeoX, ...)")
+    return config
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None):
     """Load a causal LM and its tokenizer.
@@ -201,8 +236,9 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None,
     device = torch.device(device or "cpu")
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else "auto"
+    config = model_config(where)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
     model.to(device).eval()
     model.config.use_cache = False
     model.name_or_path = name_or_path

@@ -155,6 +155,23 @@ def test_target_patterns_in_every_form():
     assert len(select_targets(layers[0], (r"re:model.layers.\d+$",), prefix="model.layers.0")) == 7
 
 
+def test_a_plain_module_name_takes_its_subtree():
+    """llm-compressor's meaning (its tests' recipes write ``targets: ["model.layers.0", "model.layers.1"]``): a
+    plain name matches the module and every Linear under it, as a target and as an ignore."""
+    model = tiny_model("llama")
+    prefix, layers = find_decoder_layers(model)
+    names = ("model.layers.0", "model.layers.1")
+    assert [len(select_targets(layer, names, prefix=f"{prefix}.{i}")) for i, layer in enumerate(layers)] == [7, 7]
+    assert len(select_targets(layers[1], ("model.layers.0",), prefix=f"{prefix}.1")) == 0
+    assert set(select_targets(layers[0], ("mlp",), prefix=f"{prefix}.0")) == {"mlp.gate_proj", "mlp.up_proj",
+                                                                              "mlp.down_proj"}
+    assert set(select_targets(layers[0], ("Linear",), ("self_attn",), prefix=f"{prefix}.0")) == {
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    # a prefix is a whole dotted component: model.layers.1 does not take model.layers.10's modules
+    assert len(select_targets(layers[0], ("model.layers.",), prefix="model.layers.10")) == 0
+    assert len(select_targets(layers[0], ("model.layers.1",), prefix="model.layers.10")) == 0
+
+
 # --- per-layer sparsity and OWL ----------------------------------------------------------------------------------
 
 def test_per_layer_sparsity_list():
@@ -370,6 +387,39 @@ def test_recipe_fields_map_onto_the_config():
 def test_recipe_errors_name_the_culprit(recipe, match):
     with pytest.raises(ValueError, match=match):
         load_recipe(recipe)
+
+
+# The forms of llm-compressor's own SparseGPT test recipes (tests/sparsity/sparsegpt/recipes/ and
+# tests/llmcompressor/transformers/compression/recipes/ in vllm-project/llm-compressor): whole decoder layers named
+# as targets, more layers named than the model has, an anchored regex, "0:0" for unstructured, Linear + an ignored
+# lm_head. Each runs unchanged and prunes exactly what it names.
+LLMC_FORM_RECIPES = {
+    "named layers": ('targets: ["model.layers.0", "model.layers.1"]\n      mask_structure: "0:0"', {0, 1}, None),
+    "more layers than the model": ('mask_structure: "0:0"\n      targets: [\n        "model.layers.0",\n'
+                                   '        "model.layers.1",\n        "model.layers.2",\n        "model.layers.5"\n'
+                                   '      ]', {0, 1}, None),
+    "one layer, 2:4": ('mask_structure: "2:4"\n      targets: [\n        "re:.*model.layers.0$",\n      ]', {0},
+                       "2:4"),
+    "Linear, lm_head ignored": ('mask_structure: "2:4"\n      targets: ["Linear"]\n      ignore: ["re:.*lm_head"]',
+                                {0, 1}, "2:4"),
+}
+
+
+@pytest.mark.parametrize("form", list(LLMC_FORM_RECIPES))
+def test_llm_compressor_recipe_forms_run_unchanged(form):
+    body, layers, pattern = LLMC_FORM_RECIPES[form]
+    recipe = ("test_stage:\n  obcq_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n      block_size: 16\n"
+              f"      dampening_frac: 0.01\n      {body}\n")
+    config = load_recipe(recipe)
+    model = tiny_model("llama")
+    report = prune(model, random_ids(4, 16), config, progress=False)
+    assert {m.layer for m in report.modules} == layers
+    assert all(len([m for m in report.modules if m.layer == i]) == 7 for i in layers)
+    assert all(m.sparsity == pytest.approx(0.5, abs=0.02) for m in report.modules)
+    if pattern == "2:4":
+        prefix, decoder = find_decoder_layers(model)
+        W = decoder[min(layers)].mlp.up_proj.weight
+        assert int((W.reshape(-1, 4) != 0).sum(1).max()) <= 2
 
 
 # --- the generated CLI, end to end on a saved tiny model ---------------------------------------------------------

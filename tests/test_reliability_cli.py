@@ -248,3 +248,31 @@ def test_prune_end_to_end_records_provenance(tmp_path, capsys, tiny_dir, monkeyp
     assert sidecar["source_model"]["kind"] == "local"
     weights = sidecar["source_model"]["files"]["model.safetensors"]
     assert weights["sha256"] == file_sha256(tiny_dir / "model.safetensors")
+
+
+# --- conventions: --version, logging flags in either place (issue 26) ----------------------------------------------
+
+def test_version_prints_and_exits_zero(capsys):
+    from calibprune._version import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"calibprune {__version__}"
+
+
+@pytest.mark.parametrize("argv,level", [
+    (["prune", "--model", "m", "--out", "o"], "INFO"),
+    (["-v", "prune", "--model", "m", "--out", "o"], "DEBUG"),
+    (["prune", "-v", "--model", "m", "--out", "o"], "DEBUG"),
+    (["prune", "--model", "m", "--out", "o", "-q"], "WARNING"),
+    (["-q", "eval", "--model", "m"], "WARNING"),
+    (["prune", "--log-level", "ERROR", "-v", "--model", "m", "--out", "o"], "ERROR"),
+    (["--log-level", "debug", "calib", "--model", "m", "--out", "o.pt"], "DEBUG"),
+])
+def test_logging_flags_before_or_after_the_sub_command(argv, level):
+    import logging
+
+    from calibprune.cli import build_parser, log_level
+
+    assert log_level(build_parser().parse_args(argv)) == getattr(logging, level)

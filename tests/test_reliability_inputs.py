@@ -283,3 +283,36 @@ def test_calibration_path_needs_a_file_name(name):
     """Found by the CLI fuzzer: ``calib --out ''`` raised ``PosixPath('.') has an empty name``."""
     with pytest.raises(ValueError, match="is not a file name for a calibration set"):
         calibration_paths(name)
+
+
+# --- the model's config, before any weight is read (issue 26) ------------------------------------------------------
+
+def _config_only(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
+    return folder
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 48,
+         "intermediate_size": 88, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, r"not a causal decoder LM.*BertForMaskedLM"),
+    ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "not a causal decoder LM.*encoder-decoder"),
+    ({**LLAMA, "hidden_size": 50}, "cannot build a model from its config.json.*hidden size"),
+])
+def test_a_model_calibprune_cannot_prune_is_refused_from_its_config(tmp_path, config, match):
+    """config.json and an empty weights file: the error comes before the tokenizer or any weight is read."""
+    folder = _config_only(tmp_path / "m", config)
+    with pytest.raises(ValueError, match=match):
+        models.load_model(str(folder))
+    with pytest.raises(ValueError, match=match):
+        models.model_config(folder)
+
+
+def test_a_causal_lm_config_passes(tmp_path):
+    from transformers import LlamaConfig
+
+    assert isinstance(models.model_config(_config_only(tmp_path / "llama", LLAMA)), LlamaConfig)

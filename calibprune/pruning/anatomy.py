@@ -39,16 +39,23 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def _prefixes(name: str) -> list[str]:
+    """``a.b.c`` → ``["a.b.c", "a.b", "a"]``: the module and every module it lives under."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
+
 def _matches(pattern: str, rel_name: str, full_name: str, module: nn.Module) -> bool:
-    """One target/ignore pattern: ``re:<regex>`` (re.match on the full name or any dotted prefix of it, as
-    llm-compressor matches), a class name (``Linear``), or fnmatch on the layer-relative or full name."""
+    """One target/ignore pattern, matched as llm-compressor matches: against the module's name or the name of any
+    module it lives under (a plain ``model.layers.0`` or ``mlp`` takes that whole subtree). The pattern is
+    ``re:<regex>`` (``re.match`` on the full name or a dotted prefix of it), a class name (``Linear``), or an
+    fnmatch pattern on the layer-relative or full name (or a dotted prefix of either)."""
     if pattern.startswith("re:"):
         regex = re.compile(pattern[3:])
-        parts = full_name.split(".")
-        return any(regex.match(".".join(parts[:k])) for k in range(len(parts), 0, -1))
+        return any(regex.match(name) for name in _prefixes(full_name))
     if pattern in {cls.__name__ for cls in type(module).__mro__}:
         return True
-    return fnmatch.fnmatchcase(rel_name, pattern) or fnmatch.fnmatchcase(full_name, pattern)
+    return any(fnmatch.fnmatchcase(name, pattern) for name in _prefixes(rel_name) + _prefixes(full_name))
 
 
 def select_targets(layer: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = (),

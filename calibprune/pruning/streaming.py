@@ -184,12 +184,14 @@ def load_streamed(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     safetensors checkpoint whose tensor names are the model's own.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from ..models import model_config
 
     path = Path(path)
     device = torch.device(device)
     reader = CheckpointReader(path)
-    config = AutoConfig.from_pretrained(path)
+    config = model_config(path)
     dtype = dtype or _default_dtype(config, device)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -212,6 +212,17 @@ def model_config(where: str | Path):
     return config
 
 
+def check_finite_weights(tensors, where: str) -> None:
+    """One ``ValueError`` naming the first tensor (``(name, tensor)`` pairs) that holds a NaN or an infinity, and
+    how many of its entries do: a non-finite input weight would otherwise surface only after minutes of pruning,
+    blamed on the calibration data."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: weight {name!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                             f"{tensor.numel()}; the checkpoint is damaged or was saved from a diverged run")
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None):
     """Load a causal LM and its tokenizer.
@@ -239,6 +250,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None,
     config = model_config(where)
     tokenizer = AutoTokenizer.from_pretrained(where)
     model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
+    check_finite_weights(model.state_dict().items(), str(where))
     model.to(device).eval()
     model.config.use_cache = False
     model.name_or_path = name_or_path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,31 @@ def test_a_causal_lm_config_passes(tmp_path):
     from transformers import LlamaConfig
 
     assert isinstance(models.model_config(_config_only(tmp_path / "llama", LLAMA)), LlamaConfig)
+
+
+@pytest.mark.parametrize("where", ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_a_non_finite_weight_is_named_when_the_model_loads(tmp_path, where):
+    """A NaN in an input weight: one error naming that tensor when the model loads (in memory), or when its
+    decoder layer loads (streamed: layers are read at their turn), before any calibration forward."""
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from calibprune.pruning.anatomy import LAYER_LOADER
+    from calibprune.pruning.streaming import load_streamed
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_parameter(where)[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    match = rf"weight '{re.escape(where)}' holds 1 non-finite value"
+    with pytest.raises(ValueError, match=match):
+        models.load_model(str(tmp_path / "m"))
+    if "layers" in where:
+        streamed = load_streamed(tmp_path / "m")
+        loader = getattr(streamed, LAYER_LOADER)
+        loader.load(0, streamed.model.layers[0], torch.device("cpu"))
+        with pytest.raises(ValueError, match=match):
+            loader.load(1, streamed.model.layers[1], torch.device("cpu"))
+    else:
+        with pytest.raises(ValueError, match=match):
+            load_streamed(tmp_path / "m")

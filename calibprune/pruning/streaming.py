@@ -38,6 +38,7 @@ from torch import nn
 
 from .._version import __version__
 from ..calibration import CalibrationSet, as_token_ids
+from ..models import check_finite_weights, model_config
 from .anatomy import LAYER_LOADER, find_decoder_layers
 from .api import prune
 from .checkpoint import LayerCheckpoint, partial_dir, saved_names, saved_state, write_safetensors
@@ -133,6 +134,7 @@ class SafetensorsLayerLoader:
         if missing:
             raise KeyError(f"{self.reader.folder} has no tensor(s) {missing[:3]} for decoder layer {index}")
         tensors = self.reader.read(names, device)
+        check_finite_weights(tensors.items(), str(self.reader.folder))
         for name, (_, mod, attr, is_param) in zip(names, slots):
             _assign(mod, attr, is_param, _cast(tensors[name], self.dtype))
         for mod in layer.modules():  # non-persistent buffers were built on CPU by the meta init
@@ -186,8 +188,6 @@ def load_streamed(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ..models import model_config
-
     path = Path(path)
     device = torch.device(device)
     reader = CheckpointReader(path)
@@ -211,6 +211,7 @@ def load_streamed(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                                   for name, owner, attr, p in wanted})
     present = [w for w in wanted if on_disk[w[0]] in reader]
     tensors = reader.read([on_disk[w[0]] for w in present], "cpu")
+    check_finite_weights(tensors.items(), str(path))
     for name, owner, attr, is_param in present:
         _assign(owner, attr, is_param, _cast(tensors[on_disk[name]], dtype))
     model.tie_weights()

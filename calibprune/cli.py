@@ -333,6 +333,8 @@ def _add_logging_options(parser: argparse.ArgumentParser, default) -> None:
     group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
     group.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower, default=default,
                        help="the logging level (default: info); overrides -v and -q")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=default,
+                       help="progress bars (default: only when stderr is a terminal)")
 
 
 def log_level(args: argparse.Namespace) -> int:
@@ -409,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._progress import cli_progress
     from .pruning.distributed import RankFailure
 
     parser = build_parser()
@@ -417,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
+    progress = getattr(args, "progress", None)
     try:
-        return args.func(args)
+        with cli_progress(sys.stderr.isatty() if progress is None else progress):
+            return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ImportError, PermissionError,
             NotADirectoryError, IsADirectoryError, KeyError, RankFailure) as exc:
         log.debug("the handled error's traceback (-v / --log-level debug):", exc_info=True)

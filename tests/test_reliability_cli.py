@@ -276,3 +276,25 @@ def test_logging_flags_before_or_after_the_sub_command(argv, level):
     from calibprune.cli import build_parser, log_level
 
     assert log_level(build_parser().parse_args(argv)) == getattr(logging, level)
+
+
+@pytest.mark.parametrize("flag,shown", [(None, False), ("--progress", True), ("--no-progress", False)])
+def test_progress_bars_only_on_a_terminal_unless_forced(tmp_path, capsys, tiny_dir, flag, shown):
+    """stderr captured (not a terminal): no bars, so a redirected log gets no endless \\r line; --progress forces
+    them, --no-progress hides them."""
+    code, err = _run(_prune(tiny_dir, str(tmp_path / "out"), *([flag] if flag else [])), capsys)
+    assert code == 0, err
+    assert ("sparsegpt layers" in err) == shown, err[-500:]
+
+
+def test_a_library_call_shows_its_bars_as_asked():
+    from calibprune._progress import cli_progress, progress_bar
+
+    assert not progress_bar(range(3), show=True).disable
+    assert progress_bar(range(3), show=False).disable
+    with cli_progress(False):
+        assert progress_bar(range(3), show=True).disable
+    with cli_progress(True):
+        assert progress_bar(range(3), show=False).disable
+        assert not progress_bar(range(3), show=True).disable
+    assert not progress_bar(range(3)).disable  # the CLI's decision ends with the command

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..fingerprint import model_identity
 from ..models import model_device
 from .pool_cache import load_pool, pool_key, pool_path
@@ -216,7 +216,7 @@ def generate_fixed_length(model: torch.nn.Module, prompts: list[torch.Tensor], l
     longest = max(len(p) for p in prompts)
     if longest - 1 >= length:
         raise ValueError(f"a prompt of {longest - 1} tokens leaves no room in a sample of {length}")
-    with tqdm(total=len(prompts) * length, desc=desc, unit="tok", disable=not progress) as bar:
+    with progress_bar(total=len(prompts) * length, desc=desc, unit="tok", show=progress) as bar:
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
             width = max(len(prompts[i]) for i in batch)

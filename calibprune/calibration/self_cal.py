@@ -12,8 +12,8 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from .calibration_set import CalibrationSet
 from .pool_cache import save_pool
 from .sampling import (
@@ -67,7 +67,7 @@ def self_cal(model: torch.nn.Module, tokenizer: Any, *, n: int = 128, seqlen: in
     if pool is None:
         generations, rounds = 0, 0
         rows: list[list[int]] = [[] for _ in range(n)]
-        with tqdm(total=n * seqlen, desc="self-cal", unit="tok", disable=not progress) as bar:
+        with progress_bar(total=n * seqlen, desc="self-cal", unit="tok", show=progress) as bar:
             while True:
                 active = [i for i in range(n) if len(rows[i]) < seqlen]
                 if not active:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..calibration.sources import DATA_DIR_ENV, resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, seqlen: int = 512, max_wi
     device = torch.device(device) if device is not None else next(model.parameters()).device
     windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
     nll, count = 0.0, 0
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
+    for start in progress_bar(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .._progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def solution_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll_sum, n_tokens = 0.0, 0
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="solution NLL", unit="batch", leave=False, disable=not progress):
+    for start in progress_bar(batches, desc="solution NLL", unit="batch", leave=False, show=progress):
         items = [encoded[i] for i in order[start : start + batch_size]]
         width = max(len(ids) for ids, _ in items)
         input_ids = torch.full((len(items), width), pad_id, dtype=torch.int64)

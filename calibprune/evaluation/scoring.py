@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..models import model_device
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def score_requests(model: nn.Module, requests: Sequence[Request], items: Sequenc
     greedy = [True] * len(requests)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=sum(len(r.ids) for r in rows), desc=desc, unit="tok", leave=False, disable=not progress)
+    bar = progress_bar(total=sum(len(r.ids) for r in rows), desc=desc, unit="tok", leave=False, show=progress)
     try:
         start = 0
         while start < len(rows):

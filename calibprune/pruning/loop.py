@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from .activations import ActivationStore
 from .anatomy import LAYER_LOADER, find_decoder_layers, select_targets
 from .config import PruneConfig
@@ -512,8 +512,8 @@ class _Layerwise:
                     self.capture(store)
                 self.phases["capture"] = time.perf_counter() - t_start
                 show = progress and (ctx is None or ctx.is_main)
-                for index, layer in enumerate(tqdm(self.layers, desc=f"{report.method} layers", unit="layer",
-                                                   disable=not show)):
+                for index, layer in enumerate(progress_bar(self.layers, desc=f"{report.method} layers",
+                                                           unit="layer", show=show)):
                     self.run_layer(index, layer, store)
         finally:
             store.close()

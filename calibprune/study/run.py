@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..calibration import CalibrationSet, build_calibration
 from ..evaluation.study_suite import evaluate_items, resolve_suite
 from ..fingerprint import model_fingerprint
@@ -350,7 +350,7 @@ def run_study(model: str, *, out_dir: str | os.PathLike | None = None, report: b
     for r in runs.values():
         done_times.setdefault(_run_class(spec, r["entry"], r["pruner"]), []).append(r["timings"]["total_s"])
     new = 0
-    bar = tqdm(desc="study", unit="run", disable=not progress)
+    bar = progress_bar(desc="study", unit="run", show=progress)
 
     def summary(finished: bool) -> dict[str, Any]:
         study = summarise_study(spec, dense, runs, run_key=study_runner.run_key, done_times=done_times,

@@ -4,6 +4,10 @@ NCCL collectives are timed after a synchronise; an NCCL rank communicates on its
 where needed (monkeypatched availability and ``torch.cuda`` calls)."""
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,10 +152,6 @@ def test_an_nccl_rank_communicates_on_its_own_gpu(monkeypatch, bound, local_rank
 
 
 def _plan(**env):
-    import os
-    import subprocess
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
     return subprocess.run(["bash", str(script)], env={**os.environ, "GPU_CHECK_PLAN": "1", **env},
                           capture_output=True, text=True, timeout=60)

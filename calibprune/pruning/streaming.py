@@ -38,7 +38,7 @@ from torch import nn
 
 from .._version import __version__
 from ..calibration import CalibrationSet, as_token_ids
-from ..models import check_finite_weights, model_config
+from ..models import check_finite_weights, model_config, source_fingerprint
 from .anatomy import LAYER_LOADER, find_decoder_layers
 from .api import prune
 from .checkpoint import LayerCheckpoint, partial_dir, saved_names, saved_state, write_safetensors
@@ -234,8 +234,6 @@ def weight_bytes(module: nn.Module) -> int:
 
 def _model_fingerprint(model: nn.Module) -> dict:
     """What a resumed run must be pruning: the source files' hashes when known, else a hash of the weights."""
-    from ..models import source_fingerprint
-
     source = source_fingerprint(model)
     if source is not None:
         return {"files": source.get("files"), "revision": source.get("revision"), "reference": source["reference"]}
